@@ -1,0 +1,8 @@
+# The two quick-start commands (see README): each sets up the cached environment first.
+.PHONY: demo test
+
+demo:
+	scripts/env.sh coalora-edge demo
+
+test:
+	scripts/env.sh python -m pytest -q

@@ -1,0 +1,3 @@
+from coalora_edge.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""The `coalora-edge` command line: one module per subcommand, registered here."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from coalora_edge.cli.common import err_console
+from coalora_edge.cli.demo import demo
+from coalora_edge.cli.inspect import inspect
+
+app = typer.Typer(
+    name="coalora-edge",
+    help="Fine-tune a quantized LLM once, run it on every device (CoA-LoRA -> llama.cpp / ONNX Runtime).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _group() -> None:
+    """Fine-tune a quantized LLM once, run it on every device."""
+
+
+app.command()(inspect)
+app.command()(demo)
+
+
+def main() -> None:
+    """Entry point. Bugs also end in one line; COALORA_DEBUG=1 shows the traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad input: say so and how to report it
+        if os.environ.get("COALORA_DEBUG"):
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e} "
+            "(rerun with COALORA_DEBUG=1 for the traceback and report it)",
+            highlight=False, soft_wrap=True,
+        )
+        sys.exit(1)

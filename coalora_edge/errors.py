@@ -1,0 +1,17 @@
+"""Typed errors. Library code raises these; only the CLI turns them into one-line messages."""
+
+
+class CoaloraError(Exception):
+    """Base class: a problem the user can fix. The message names the problem and the fix."""
+
+
+class SchemeError(CoaloraError):
+    """Unknown scheme or format, or a weight shape that no chosen format can hold."""
+
+
+class ModelError(CoaloraError):
+    """A model folder or hub id that cannot be loaded as a supported causal LM."""
+
+
+class RuntimeLibraryError(CoaloraError):
+    """A runtime library (ggml, ONNX Runtime) is missing or does not offer what we need."""
