@@ -15,3 +15,15 @@ class ModelError(CoaloraError):
 
 class RuntimeLibraryError(CoaloraError):
     """A runtime library (ggml, ONNX Runtime) is missing or does not offer what we need."""
+
+
+class DataError(CoaloraError):
+    """Training or evaluation text that is missing, empty, binary or malformed."""
+
+
+class BudgetError(CoaloraError):
+    """A size budget that no configuration of the allowed formats fits."""
+
+
+class ProfileError(CoaloraError):
+    """A device profile that cannot be found, read or validated, or that a model cannot run under."""
