@@ -1,0 +1,385 @@
+"""CoA-LoRA: one LoRA adapter that adjusts itself to the quantization configuration.
+
+Every adapted ``nn.Linear`` becomes a :class:`CoALoRALinear`, a thin wrapper around its
+frozen ``base_layer`` (PEFT's pattern) computing
+
+    y = x Q_c(W)^T + b + s * x A^T M^T B^T,        s = alpha / r
+
+with ``Q_c(W)`` the weight quantized and dequantized exactly as the runtime will, in the
+format configuration ``c`` gives it, and ``M`` the ``(r, r)`` output of the shared
+configuration model (config_model.py). :class:`CoALoRAModel` wraps a Hugging Face causal
+LM in place and owns the per-(matrix, format) cache of quantized weights, so switching
+configuration reads nothing from disk and quantizes each (matrix, format) once.
+
+When M is computed: ``set_config(c)`` swaps in the cached weights, encodes c's features
+once and computes every M in one batched call, without a graph. ``forward`` computes
+them again, in one call, before delegating to the wrapped model: in training each forward
+gets its own graph through the configuration model and uses the parameters of the latest
+optimizer step, so a trainer only does ``set_config(c); loss = model(**batch).loss`` per
+sampled configuration. Code that calls the wrapped ``.model`` directly (``generate``)
+should call ``refresh()`` under ``torch.no_grad()`` after parameters change.
+
+Build the wrapper after moving the model to its device: the cache quantizes the weights
+where they are. With reentrant gradient checkpointing M gets no gradient (it is not an
+input of the checkpointed blocks); use ``use_reentrant=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coalora_edge.config_model import ConfigModel, matrix_features, vocabularies
+from coalora_edge.errors import CoaloraError, ModelError, SchemeError
+from coalora_edge.models import Matrix, decoder_blocks, find_matrices
+from coalora_edge.quantize import Configuration, QuantCache
+from coalora_edge.schemes.base import Scheme
+
+
+@dataclass(frozen=True)
+class Method:
+    lora: bool  # trains LoRA factors A and B
+    config_aware: bool  # multiplies B by M from the configuration model (else M = I)
+
+
+#: What the trainer compares. "per-config" (one ordinary LoRA per configuration) is the
+#: trainer's: it keeps one "shared" state per configuration.
+METHODS: dict[str, Method] = {
+    "coa": Method(lora=True, config_aware=True),
+    "shared": Method(lora=True, config_aware=False),
+    "none": Method(lora=False, config_aware=False),
+}
+
+
+def collapse(lora_B: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+    """B' = B M ``(out, r)``: the plain-LoRA B of one configuration (None stands for I)."""
+    return lora_B if M is None else lora_B @ M
+
+
+class CoALoRALinear(nn.Module):
+    """An ``nn.Linear`` computing with the current configuration's quantized weight plus
+    the configuration-aware LoRA. ``quantized``, ``M`` and ``merged_weight`` are set by
+    :class:`CoALoRAModel` and are not state: they follow from the configuration."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, lora: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling = alpha / rank
+        out_features, in_features = base_layer.weight.shape
+        device = base_layer.weight.device
+        if lora:
+            # fp32 whatever the base dtype, as PEFT does: bf16 would drop small updates, and the
+            # LoRA path runs in this dtype, so M (about 1e-2 from I at init) is applied in fp32.
+            self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))  # (r, in)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))  # (out, r)
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        self.quantized: torch.Tensor | None = None  # (out, in) Q_c(W); the cache's tensor, never written
+        self.M: torch.Tensor | None = None  # (r, r); None is the identity
+        self.merged_weight: torch.Tensor | None = None  # (out, in) Q_c(W) + s B M A while merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_config()
+        bias = self.base_layer.bias
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight, bias)
+        y = F.linear(x, self.quantized, bias)  # (..., out)
+        if self.lora_A is None:
+            return y
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        if self.M is not None:
+            h = F.linear(h, self.M)  # (..., r): h M^T
+        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)  # (..., out)
+
+    def collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B M): the plain LoRA this layer is for the current configuration."""
+        self._require_lora()
+        return self.lora_A, collapse(self.lora_B, self.M)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s B M A`` ``(out, in)``: what merging adds to Q_c(W)."""
+        A, B = self.collapsed()
+        return self.scaling * (B @ A)
+
+    def merge(self) -> None:
+        """Compute with ``Q_c(W) + s B M A`` from now on; refuses a non-finite result.
+
+        The cached Q_c(W) is never written (other configurations' switches read it), so
+        unmerging is exact and no PEFT-style ``safe_merge`` copy is needed.
+        """
+        self._require_config()
+        if self.merged_weight is not None:
+            raise CoaloraError("this layer is already merged; call unmerge() first")
+        with torch.no_grad():
+            merged = self.quantized + self.delta_weight().to(self.quantized.dtype)  # (out, in)
+        if not torch.isfinite(merged).all():
+            raise CoaloraError(
+                "merging the adapter gives non-finite weights; the adapter has diverged: "
+                "load an earlier checkpoint or train with a lower learning rate"
+            )
+        self.merged_weight = merged
+
+    def unmerge(self) -> None:
+        if self.merged_weight is None:
+            raise CoaloraError("this layer is not merged; nothing to unmerge")
+        self.merged_weight = None
+
+    def _require_config(self) -> None:
+        if self.quantized is None:
+            raise CoaloraError("no quantization configuration is set; call CoALoRAModel.set_config(config) first")
+
+    def _require_lora(self) -> None:
+        if self.lora_A is None:
+            raise CoaloraError("method 'none' has no LoRA factors to collapse or merge")
+
+    def _apply(self, fn, recurse=True):
+        # The configuration's tensors are plain attributes, not buffers, because DDP would
+        # broadcast buffers (whole weights) every step; they still follow .to() and .half().
+        super()._apply(fn, recurse)
+        for name in ("quantized", "M", "merged_weight"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        return self
+
+
+class CoALoRAModel(nn.Module):
+    """A causal LM whose adaptable matrices are quantized per configuration and adapted.
+
+    ``model`` is modified in place: its parameters are frozen and each adapted
+    ``nn.Linear`` is replaced by a :class:`CoALoRALinear`. ``matrices`` limits adaptation
+    to these names (default: every nn.Linear of the decoder blocks); ``imatrix`` is passed
+    to the cache for GGUF types that quantize with an importance matrix.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheme: Scheme,
+        *,
+        rank: int = 64,
+        alpha: float = 16.0,
+        method: str = "coa",
+        matrices: Iterable[str] | None = None,
+        imatrix: Mapping[str, torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise CoaloraError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        if rank < 1:
+            raise CoaloraError(f"LoRA rank must be a positive integer, got {rank}")
+        if any(isinstance(m, CoALoRALinear) for m in model.modules()):
+            raise ModelError("this model is already wrapped by a CoALoRAModel; wrap a freshly loaded model")
+        spec = METHODS[method]
+        self.model, self.scheme, self.method = model, scheme, method
+        self.rank, self.alpha = rank, alpha
+        self.matrices: list[Matrix] = select_matrices(model, matrices)
+        model.requires_grad_(False)
+        # A plain dict, not a ModuleDict: the layers are registered once, inside ``model``.
+        self.layers: dict[str, CoALoRALinear] = {
+            m.name: _wrap(model, m.name, rank, alpha, spec.lora) for m in self.matrices
+        }
+        self.cache = QuantCache(scheme, {n: layer.base_layer.weight for n, layer in self.layers.items()}, imatrix)
+        if spec.config_aware:
+            vocab = vocabularies(scheme, len(decoder_blocks(model)[1]), (m.module for m in self.matrices))
+            device = next(iter(self.layers.values())).base_layer.weight.device
+            self.config_model: ConfigModel | None = ConfigModel(vocab, rank).to(device)
+        else:
+            self.config_model = None
+        self.config: dict[str, str] | None = None
+        self._features: torch.Tensor | None = None  # (n_matrices, n_features) of self.config
+
+    # -- configuration -------------------------------------------------------------------
+
+    def set_config(self, config: Configuration) -> None:
+        """Make ``config`` (matrix name -> format name) current: cached weights swapped in,
+        every M recomputed in one call."""
+        if self.is_merged:
+            raise CoaloraError("the adapter is merged; call unmerge() before switching configuration")
+        self._check_config(config)
+        features = self._encode(config)
+        weights = self.cache.for_config(config)
+        for name, layer in self.layers.items():
+            w = layer.base_layer.weight
+            layer.quantized = weights[name].to(w.device, w.dtype)
+        self.config = {m.name: config[m.name] for m in self.matrices}
+        self._features = features
+        with torch.no_grad():
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute every M of the current configuration, in one configuration-model call."""
+        for layer, M in zip(self.layers.values(), self._multipliers(self._features)):
+            layer.M = M
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, after recomputing M (see the module docstring)."""
+        if self.config is None:
+            raise CoaloraError("no quantization configuration is set; call set_config(config) first")
+        self.refresh()
+        return self.model(*args, **kwargs)
+
+    def _check_config(self, config: Configuration) -> None:
+        missing = [m.name for m in self.matrices if m.name not in config]
+        if missing:
+            raise SchemeError(
+                f"the configuration gives no format for {len(missing)} adapted matrices "
+                f"(first: {missing[0]}); give every adapted matrix a format"
+            )
+        # A matrix left out of adaptation is not quantized either: a format for it would
+        # be silently ignored and the trained model would differ from the shipped one.
+        extra = sorted(config.keys() - self.layers.keys())
+        if extra:
+            raise SchemeError(
+                f"the configuration gives formats for {len(extra)} matrices this adapter does not "
+                f"adapt (first: {extra[0]}); drop them or adapt them (the matrices argument)"
+            )
+
+    def _encode(self, config: Configuration) -> torch.Tensor | None:
+        if self.config_model is None:
+            return None
+        return self.config_model.encode([matrix_features(self.scheme, m, config[m.name]) for m in self.matrices])
+
+    def _multipliers(self, features: torch.Tensor | None) -> Iterable[torch.Tensor | None]:
+        if features is None:
+            return [None] * len(self.layers)
+        return self.config_model(features).unbind(0)  # (n, r, r) -> n x (r, r)
+
+    # -- what exporters ship -------------------------------------------------------------
+
+    def collapsed_lora(self, config: Configuration | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Matrix name -> (A ``(r, in)``, B M ``(out, r)``): the plain LoRA of ``config``
+        (default: the current one); its update is ``scaling * B' A``. Detached copies."""
+        if self.method == "none":
+            raise CoaloraError("method 'none' has no LoRA factors to collapse")
+        config = self.config if config is None else config
+        if config is None:
+            raise CoaloraError("no quantization configuration given or set; pass one or call set_config first")
+        self._check_config(config)
+        with torch.no_grad():
+            multipliers = self._multipliers(self._encode(config))
+            return {
+                name: (layer.lora_A.detach().clone(), collapse(layer.lora_B, M).detach().clone())
+                for (name, layer), M in zip(self.layers.items(), multipliers)
+            }
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_merged(self) -> bool:
+        return any(layer.merged_weight is not None for layer in self.layers.values())
+
+    def merge(self) -> None:
+        """Fold the current configuration's adapter into its weights; all layers or none."""
+        with torch.no_grad():
+            self.refresh()
+        merged: list[CoALoRALinear] = []
+        try:
+            for layer in self.layers.values():
+                layer.merge()
+                merged.append(layer)
+        except CoaloraError:
+            for layer in merged:
+                layer.unmerge()
+            raise
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    # -- training --------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: decay on the LoRA factors and the configuration model's
+        Linear weights only; sigma, embeddings, LayerNorm and biases get none."""
+        decayed = {id(p) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p is not None}
+        if self.config_model is not None:
+            decayed |= {id(p) for p in self.config_model.decayed_parameters()}
+        params = self.trainable_parameters()
+        groups = [
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything trained, flat and safetensors-ready (CPU copies): ``{matrix}.lora_A``
+        ``(r, in)``, ``{matrix}.lora_B`` ``(out, r)`` and ``config_model.*``."""
+        return {k: t.detach().to("cpu", copy=True) for k, t in self._live_state().items()}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state` gave, strictly: same keys, same shapes."""
+        if self.is_merged:
+            raise CoaloraError("the adapter is merged; call unmerge() before loading a state")
+        live = self._live_state()
+        problems = _mismatches(live, state)
+        if problems:
+            raise CoaloraError(
+                f"adapter state does not fit this model ({problems}); load it into an adapter built "
+                "with the same base model, scheme, adapted matrices, rank and method"
+            )
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(state[key])
+            if self.config is not None:
+                self.refresh()
+
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        live: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            if layer.lora_A is not None:
+                live[f"{name}.lora_A"] = layer.lora_A
+                live[f"{name}.lora_B"] = layer.lora_B
+        if self.config_model is not None:
+            live.update({f"config_model.{k}": t for k, t in self.config_model.state_dict().items()})
+        return live
+
+
+def _mismatches(live: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = sorted(live.keys() - state.keys())
+    unexpected = sorted(state.keys() - live.keys())
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(live[k].shape)}"
+        for k in live.keys() & state.keys()
+        if state[k].shape != live[k].shape
+    )
+    parts = [(missing, "missing"), (unexpected, "unexpected"), (shapes, "wrong shape (given vs expected)")]
+    return "; ".join(f"{label}: {some(keys)}" for keys, label in parts if keys)
+
+
+def select_matrices(model: nn.Module, names: Iterable[str] | None) -> list[Matrix]:
+    """The adaptable matrices named in ``names`` (default all), in block order."""
+    found = find_matrices(model)
+    if names is None:
+        return found
+    wanted = set(names)
+    unknown = sorted(wanted - {m.name for m in found})
+    if unknown or not wanted:
+        raise ModelError(
+            f"cannot adapt {unknown[:3] if unknown else 'an empty list'}: pass names of the model's "
+            "adaptable matrices (listed by `coalora-edge inspect MODEL`), or none for all"
+        )
+    return [m for m in found if m.name in wanted]
+
+
+def _wrap(model: nn.Module, name: str, rank: int, alpha: float, lora: bool) -> CoALoRALinear:
+    parent_path, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layer = CoALoRALinear(getattr(parent, leaf), rank, alpha, lora)
+    setattr(parent, leaf, layer)
+    return layer
