@@ -1,0 +1,1 @@
+"""Configuration search: per-(matrix, format) sensitivity and the budget ladder."""
