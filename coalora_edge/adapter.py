@@ -26,9 +26,10 @@ input of the checkpointed blocks); use ``use_reentrant=False``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ class CoALoRALinear(nn.Module):
         self.quantized: torch.Tensor | None = None  # (out, in) Q_c(W); the cache's tensor, never written
         self.M: torch.Tensor | None = None  # (r, r); None is the identity
         self.merged_weight: torch.Tensor | None = None  # (out, in) Q_c(W) + s B M A while merged
+        self.adapter_enabled = True  # off inside CoALoRAModel.without_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._require_config()
@@ -91,7 +93,7 @@ class CoALoRALinear(nn.Module):
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight, bias)
         y = F.linear(x, self.quantized, bias)  # (..., out)
-        if self.lora_A is None:
+        if self.lora_A is None or not self.adapter_enabled:
             return y
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         if self.M is not None:
@@ -218,6 +220,31 @@ class CoALoRAModel(nn.Module):
         """Recompute every M of the current configuration, in one configuration-model call."""
         for layer, M in zip(self.layers.values(), self._multipliers(self._features)):
             layer.M = M
+
+    @contextlib.contextmanager
+    def without_adapter(self) -> Iterator[None]:
+        """Inside: the quantized model alone (the `none` baseline of this configuration)."""
+        try:
+            for layer in self.layers.values():
+                layer.adapter_enabled = False
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.adapter_enabled = True
+
+    @contextlib.contextmanager
+    def unquantized(self) -> Iterator[None]:
+        """Inside: the original model (full-precision weights, no adapter), e.g. the
+        teacher of distillation. The current configuration is restored on exit."""
+        saved = [layer.quantized for layer in self.layers.values()]
+        try:
+            for layer in self.layers.values():
+                layer.quantized = layer.base_layer.weight.detach()
+            with self.without_adapter():
+                yield
+        finally:
+            for layer, quantized in zip(self.layers.values(), saved):
+                layer.quantized = quantized
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward, after recomputing M (see the module docstring)."""

@@ -340,3 +340,30 @@ def test_adapting_a_subset_and_misuse(llama_dir):
         wrap(llama_dir, s, matrices=["model.layers.0.nope"])
     with pytest.raises(CoaloraError, match="unknown method"):
         wrap(llama_dir, s, method="per-config")
+
+
+def test_unquantized_and_without_adapter_contexts(tiny_model_dir):
+    from coalora_edge.models import load_model
+    from coalora_edge.adapter import CoALoRAModel
+    from coalora_edge.schemes import get_scheme
+    from coalora_edge.quantize import QuantCache
+
+    path = str(tiny_model_dir("llama"))
+    reference, model = load_model(path), load_model(path)
+    wrapper = CoALoRAModel(model, get_scheme("onnx"), rank=4, alpha=8)
+    config = {m.name: "int2_b32_asym" for m in wrapper.matrices}
+    wrapper.set_config(config)
+    for layer in wrapper.layers.values():
+        torch.nn.init.normal_(layer.lora_B)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        adapted = wrapper(input_ids=ids).logits
+        with wrapper.unquantized():
+            assert torch.equal(wrapper(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with wrapper.without_adapter():
+            quantized = wrapper(input_ids=ids).logits
+        assert torch.equal(wrapper(input_ids=ids).logits, adapted)  # both contexts restore
+        weights = QuantCache(get_scheme("onnx"), {n: l.base_layer.weight for n, l in wrapper.layers.items()}).for_config(config)
+        for name, w in weights.items():
+            reference.get_submodule(name).weight.copy_(w)
+        assert torch.equal(quantized, reference(input_ids=ids).logits)

@@ -9,7 +9,10 @@ import typer
 
 from coalora_edge.cli.common import err_console
 from coalora_edge.cli.demo import demo
+from coalora_edge.cli.eval import eval
 from coalora_edge.cli.inspect import inspect
+from coalora_edge.cli.profiles import profiles_app
+from coalora_edge.cli.train import train
 
 app = typer.Typer(
     name="coalora-edge",
@@ -26,6 +29,9 @@ def _group() -> None:
 
 
 app.command()(inspect)
+app.command()(train)
+app.command()(eval)
+app.add_typer(profiles_app, name="profiles")
 app.command()(demo)
 
 

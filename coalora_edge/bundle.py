@@ -1,0 +1,161 @@
+"""The trained artifact: a folder that later commands read, verified on every load.
+
+    BUNDLE/
+      manifest.json        format version, base-model fingerprint, scheme, matrices,
+                           adapter settings, training summary, sha256 of every file below
+      adapter.safetensors  LoRA factors and configuration model (per-config: one set per
+                           configuration, keys prefixed "cfg{i}.")
+      configs.json         the training configuration set (choice lists in matrix order)
+      imatrix.safetensors  importance matrix (gguf), sensitivity.json, pareto.json, ...:
+                           written through :func:`write_bundle`'s ``extra_files``
+
+Written atomically (temporary folder, then rename). Only safetensors and JSON: nothing
+in a bundle is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from coalora_edge import __version__
+from coalora_edge.errors import CoaloraError
+from coalora_edge.fileio import atomic_dir, sha256_file
+from coalora_edge.models import Matrix
+
+BUNDLE_FORMAT = "coalora-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ADAPTER = "adapter.safetensors"
+CONFIGS = "configs.json"
+IMATRIX = "imatrix.safetensors"  # llama.cpp importance matrix the gguf formats were quantized with
+SENSITIVITY = "sensitivity.json"  # cost per (matrix, format), for budgets the set lacks
+PARETO = "pareto.json"  # every evaluated configuration: bytes, bits per weight, validation loss
+#: weight files whose bytes make up a base model's fingerprint
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class BundleError(CoaloraError):
+    """A bundle that is missing, incomplete, tampered with, or for another base model."""
+
+
+def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """sha256 of every weight file, and one sha256 over them all (order-independent)."""
+    files = sorted(p for pattern in WEIGHT_PATTERNS for p in Path(model_dir).glob(pattern))
+    per_file = {p.name: sha256_file(p) for p in files}
+    combined = hashlib.sha256("\n".join(f"{n} {d}" for n, d in per_file.items()).encode()).hexdigest()
+    return {"sha256": combined, "files": per_file}
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def matrices(self) -> list[Matrix]:
+        return [Matrix(m["name"], m["layer"], m["module"], tuple(m["shape"])) for m in self.manifest["matrices"]]
+
+    @property
+    def scheme(self) -> str:
+        return self.manifest["scheme"]
+
+    @property
+    def choices(self) -> list[str]:
+        return self.manifest["choices"]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / ADAPTER)
+
+    def configs(self) -> list[dict[str, str]]:
+        """The training configuration set, as matrix name -> format name."""
+        names = [m["name"] for m in self.manifest["matrices"]]
+        return [dict(zip(names, choices)) for choices in self.read_json(CONFIGS)["training_set"]]
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def check_base_model(self, model_dir: Path) -> None:
+        """Refuse a base model whose weights differ from the one the adapter was trained on."""
+        expected = self.manifest["base_model"]["sha256"]
+        actual = model_fingerprint(model_dir)["sha256"]
+        if actual != expected:
+            raise BundleError(
+                f"{model_dir} is not the base model of bundle {self.path} (weights sha256 {actual[:12]}... "
+                f"!= {expected[:12]}...); pass the model it was trained on ({self.manifest['base_model']['source']})"
+            )
+
+
+def write_bundle(
+    out: Path,
+    *,
+    base_model: Mapping[str, Any],
+    scheme: str,
+    choices: list[str],
+    matrices: list[Matrix],
+    adapter: Mapping[str, Any],
+    adapter_state: Mapping[str, torch.Tensor],
+    training_set: list[Mapping[str, str]],
+    training: Mapping[str, Any],
+    extra_files: Mapping[str, bytes] | None = None,
+    force: bool = False,
+) -> Bundle:
+    """Write a bundle atomically; ``base_model`` holds ``source`` plus :func:`model_fingerprint`."""
+    names = [m.name for m in matrices]
+    with atomic_dir(out, force=force) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, tmp / ADAPTER)
+        (tmp / CONFIGS).write_text(json.dumps({"matrices": names, "training_set": [[c[n] for n in names] for c in training_set]}))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"coalora-edge {__version__}",
+            "base_model": dict(base_model),
+            "scheme": scheme,
+            "choices": list(choices),
+            "matrices": [{"name": m.name, "layer": m.layer, "module": m.module, "shape": list(m.shape)} for m in matrices],
+            "adapter": dict(adapter),
+            "training": dict(training),
+            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Bundle(Path(out), manifest)
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read and verify a bundle: format, version, and the sha256 of every listed file."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"{path} is not a coalora-edge bundle (no {MANIFEST}); pass the folder `train --out` wrote")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}/{MANIFEST} is corrupt ({e}); retrain or restore the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}/{MANIFEST} is not a coalora-edge bundle manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {path} has format version {version}, this coalora-edge reads {FORMAT_VERSION}; "
+            "use the coalora-edge version that wrote it or retrain"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or ADAPTER not in files:
+        raise BundleError(f"{path}/{MANIFEST} lists no files; the bundle is incomplete")
+    for name, digest in files.items():
+        # Names are plain file names: a manifest cannot point outside its own folder.
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"{path}/{MANIFEST} names an invalid file {name!r}; the bundle was tampered with")
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"bundle {path} is missing {name}; restore it or retrain")
+        if sha256_file(file) != digest:
+            raise BundleError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupted or edited)")
+    return Bundle(path, manifest)

@@ -1,0 +1,79 @@
+"""`coalora-edge train MODEL --data PATH... --scheme S --out BUNDLE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from coalora_edge.cli.common import console, one_line_errors, print_json, split_list
+from coalora_edge.train_job import TrainJob, run
+from coalora_edge.training import TrainSettings
+
+
+def _floats(value: Optional[str]) -> Optional[list[float]]:
+    items = split_list(value)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers like 2.5,3,4, got {value!r}") from None
+
+
+@one_line_errors
+def train(
+    model: str = typer.Argument(..., help="Hugging Face model folder or hub id."),
+    data: List[str] = typer.Option(..., "--data", help="Text (.txt), JSON Lines (.jsonl, field \"text\") or hf:DATASET[:SPLIT]; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+    scheme: str = typer.Option("gguf", help="Quantization scheme: gguf, onnx or nf."),
+    choices: Optional[str] = typer.Option(None, help="Comma-separated formats to train for (default: the scheme's)."),
+    method: str = typer.Option("coa", help="coa (CoA-LoRA), per-config, shared or none."),
+    objective: str = typer.Option("lm", help="lm: next-token loss on the data; distill: KL to the unquantized model."),
+    rank: int = typer.Option(16, help="LoRA rank r."),
+    alpha: float = typer.Option(32.0, help="LoRA alpha (scale alpha / r)."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (LoRA factors and configuration-model weights only)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (per configuration for per-config). Default: one epoch."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the training blocks; converted to steps."),
+    batch_size: int = typer.Option(8, help="Blocks per optimizer step (over all processes)."),
+    seq_len: int = typer.Option(256, help="Tokens per block."),
+    k_configs: int = typer.Option(2, "--k", help="Configurations per step; their gradients are averaged."),
+    budgets: Optional[str] = typer.Option(None, help="Train on the best configuration at these bits per weight (e.g. 2.5,3,3.5,4) instead of the whole ladder."),
+    ladder_step: float = typer.Option(0.1, help="Bits-per-weight step of the budget ladder."),
+    seed: int = typer.Option(0, help="Seed of initialisation, data order and configuration sampling."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="Base model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (large models)."),
+    imatrix: bool = typer.Option(True, help="gguf: quantize with the importance matrix from the calibration blocks, as llama.cpp does."),
+    checkpoint_every: int = typer.Option(50, help="Save a resumable checkpoint every N steps (0: only between runs)."),
+    resume: bool = typer.Option(False, help="Continue a killed run from BUNDLE.checkpoint/."),
+    force: bool = typer.Option(False, help="Replace an existing bundle."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repository's own Python code (only for repos you trust)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (the bundle summary) instead of tables."),
+) -> None:
+    """Train one configuration-aware adapter for every quantization configuration."""
+    settings = TrainSettings(
+        method=method, objective=objective, rank=rank, alpha=alpha, lr=lr, weight_decay=weight_decay,
+        steps=steps if steps is not None else 0, batch_size=batch_size, k_configs=k_configs, seed=seed,
+        checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
+    )
+    job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices), settings=settings,
+                   seq_len=seq_len, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
+                   use_imatrix=imatrix, resume=resume, force=force, trust_remote_code=trust_remote_code,
+                   epochs=(epochs or 1.0) if steps is None else None, show_progress=not json_out)
+    bundle = run(job)
+    if bundle is None:  # not the main process of a multi-process launch
+        return
+    summary = {"bundle": str(bundle.path), "method": method, "scheme": scheme,
+               "configs": bundle.manifest["training"]["configs"], "steps": bundle.manifest["training"]["settings"]["steps"],
+               "seconds": round(bundle.manifest["training"]["seconds"], 2), "evaluations": bundle.read_json("pareto.json")}
+    if json_out:
+        print_json(summary)
+        return
+    console.print(f"[green]wrote[/] {bundle.path}: {summary['configs']} configurations, {summary['steps']} steps, "
+                  f"{summary['seconds']:.1f} s")
+    from coalora_edge.cli.eval import render_evaluations
+
+    render_evaluations(summary["evaluations"])

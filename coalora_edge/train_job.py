@@ -1,0 +1,171 @@
+"""From a model folder and text to a bundle: the whole `coalora-edge train` job.
+
+    model + data -> importance matrix (calibration) -> sensitivity per (matrix, format)
+    -> training configuration set (budget ladder) -> Trainer -> validation of every
+    training configuration -> bundle
+
+Everything heavy is delegated (data.py, search/, adapter.py, training.py, bundle.py);
+this module only decides the order and what goes into the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import save
+
+from coalora_edge.adapter import CoALoRAModel
+from coalora_edge.bundle import IMATRIX, PARETO, SENSITIVITY, Bundle, model_fingerprint, write_bundle
+from coalora_edge.data import TokenBlocks, load_blocks
+from coalora_edge.errors import CoaloraError
+from coalora_edge.evaluate import lm_score
+from coalora_edge.models import load_model, resolve_model_dir
+from coalora_edge.quantize import Configuration, config_nbytes
+from coalora_edge.schemes import get_scheme
+from coalora_edge.search.ladder import Problem, best_config, ladder
+from coalora_edge.search.sensitivity import Imatrix, activation_sensitivity, collect_imatrix
+from coalora_edge.training import ADAPTER_METHOD, Trainer, TrainSettings, progress_bar
+
+
+
+@dataclass
+class TrainJob:
+    model: str
+    data: list[str]
+    out: Path
+    scheme: str = "gguf"
+    choices: list[str] | None = None
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    seq_len: int = 256
+    valid_fraction: float = 0.1
+    epochs: float | None = None  # if set, replaces settings.steps: passes over the training blocks
+    budgets: list[float] | None = None  # bits per weight; default: the whole ladder
+    ladder_step: float = 0.1
+    calib_blocks: int = 32
+    eval_blocks: int = 32
+    use_imatrix: bool = True  # gguf only: quantize with llama.cpp's importance matrix
+    device: str = "auto"
+    dtype: str = "auto"
+    resume: bool = False
+    force: bool = False
+    trust_remote_code: bool = False
+    show_progress: bool = True
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".checkpoint")
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs (what 1-8B training needs), fp32 on CPUs (bf16 is slow there)."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise CoaloraError(f"unknown dtype {name!r}; choose auto, {', '.join(table)}")
+    return table[name]
+
+
+def training_set(problem: Problem, budgets: Sequence[float] | None, step: float) -> list[Configuration]:
+    """The budget ladder, or the best configuration at each given budget (deduplicated)."""
+    if budgets is None:
+        return [s.config for s in ladder(problem, step)]
+    configs: list[Configuration] = []
+    for bits in budgets:
+        config = best_config(problem, problem.budget_bytes(bits)).config
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def evaluate_configs(wrapper: CoALoRAModel, states: dict[str, torch.Tensor], method: str,
+                     configs: Sequence[Configuration], shapes, scheme, valid: torch.Tensor,
+                     batch_size: int, step: int) -> list[dict]:
+    """Validation loss of every configuration with the adapter trained for it."""
+    records = []
+    for i, config in enumerate(configs):
+        prefix = f"cfg{i}." if method == "per-config" else ""
+        if states:
+            wrapper.load_trainable_state({k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)})
+        wrapper.set_config(config)
+        score = lm_score(wrapper, valid, batch_size)
+        nbytes = config_nbytes(scheme, shapes, config)
+        numel = sum(s[0] * s[1] for s in shapes.values())
+        records.append({"config": i, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
+                        "loss": score.loss, "perplexity": score.perplexity, "tokens": score.tokens, "step": step})
+    return records
+
+
+def run(job: TrainJob) -> Bundle:
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    if job.out.exists() and not job.force:
+        raise CoaloraError(f"{job.out} already exists; choose another --out or pass --force to replace it")
+    if job.resume and not job.checkpoint_dir.exists():
+        raise CoaloraError(f"nothing to resume: {job.checkpoint_dir} does not exist; train without --resume")
+    scheme = get_scheme(job.scheme)
+    choices = list(scheme.choices(job.choices))
+    acc = Accelerator(cpu=job.device == "cpu")
+    model_dir = resolve_model_dir(job.model)
+    model = load_model(str(model_dir), dtype=torch_dtype(job.dtype, acc.device), device=str(acc.device),
+                       trust_remote_code=job.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code)
+    blocks: TokenBlocks = load_blocks(tokenizer, job.data, job.seq_len, job.valid_fraction)
+    s = job.settings
+    if job.epochs is not None:
+        s = replace(s, steps=math.ceil(job.epochs * len(blocks.train) / s.batch_size))
+
+    torch.manual_seed(s.seed)  # the adapter's initialisation
+    imatrix: Imatrix = collect_imatrix(model, blocks.train[: job.calib_blocks].split(s.batch_size))
+    wrapper = CoALoRAModel(
+        model, scheme, rank=s.rank, alpha=s.alpha, method=ADAPTER_METHOD[s.method],
+        imatrix=imatrix.values if job.use_imatrix and job.scheme == "gguf" else None,
+    )
+    shapes = {m.name: m.shape for m in wrapper.matrices}
+    sensitivity = activation_sensitivity(wrapper.cache, imatrix, choices)
+    configs = training_set(Problem.build(scheme, shapes, sensitivity), job.budgets, job.ladder_step)
+
+    trainer = Trainer(wrapper, blocks, s, acc, job.checkpoint_dir)
+    steps = s.steps * (len(configs) if s.method == "per-config" else 1) if wrapper.trainable_parameters() else 0
+    progress, advance = progress_bar(steps, s.batch_size * job.seq_len, job.show_progress and acc.is_main_process)
+    with progress:
+        states = trainer.train(configs, resume=job.resume, on_step=advance)
+    train_seconds = time.perf_counter() - started
+
+    valid = blocks.valid[: job.eval_blocks]
+    records = evaluate_configs(wrapper, states, s.method, configs, shapes, scheme, valid, s.batch_size, s.steps)
+    with torch.no_grad(), wrapper.unquantized():
+        reference = lm_score(wrapper, valid, s.batch_size)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None  # type: ignore[return-value]
+    extra = {
+        SENSITIVITY: json.dumps(sensitivity.to_dict()).encode(),
+        PARETO: json.dumps({"evaluations": records, "unquantized": reference.as_dict()}, indent=2).encode(),
+    }
+    if imatrix.values:
+        extra[IMATRIX] = save(imatrix.values, metadata={"tokens": json.dumps(imatrix.tokens)})
+    bundle = write_bundle(
+        job.out,
+        base_model={"source": job.model, "model_type": model.config.model_type,
+                    "architecture": type(model).__name__, **model_fingerprint(model_dir)},
+        scheme=job.scheme, choices=choices, matrices=wrapper.matrices,
+        adapter={"method": s.method, "adapter_method": ADAPTER_METHOD[s.method], "rank": s.rank, "alpha": s.alpha,
+                 "imatrix": IMATRIX in extra and job.use_imatrix and job.scheme == "gguf"},
+        adapter_state=states, training_set=configs,
+        training={"settings": asdict(s), "data": job.data, "seq_len": job.seq_len, "train_blocks": len(blocks.train),
+                  "valid_blocks": len(blocks.valid), "configs": len(configs), "seconds": train_seconds,
+                  "history": trainer.history, "device": str(acc.device), "processes": acc.num_processes},
+        extra_files=extra, force=job.force,
+    )
+    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+    return bundle

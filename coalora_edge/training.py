@@ -1,0 +1,273 @@
+"""Training: CoA-LoRA and the baselines it is compared with, on one budget of steps.
+
+Each optimizer step takes one batch and K configurations sampled from the training
+set; every configuration gets a forward/backward on the batch, gradients are averaged
+(each loss is divided by K), clipped to ``max_grad_norm`` and AdamW steps. Methods:
+
+    coa          shared A, B + configuration model (the paper)
+    shared       one ordinary LoRA for every configuration (M = I)
+    per-config   one ordinary LoRA per configuration, ``steps`` steps each (QLoRA / LQ-LoRA)
+    none         quantization only: nothing is trained
+
+Objectives: ``lm`` is next-token cross-entropy on the data; ``distill`` is the KL
+divergence from the unquantized model's own next-token distribution to the quantized,
+adapted one, so it needs no labels and recovers exactly what quantization lost.
+
+Everything a step uses is a pure function of (seed, step): the batch (an epoch-wise
+permutation) and the sampled configurations. So resuming from a checkpoint continues
+the very same sequence, and a resumed run ends equal to an uninterrupted one.
+Multi-process training goes through Hugging Face Accelerate (DDP): every process
+samples the same configurations and takes its slice of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from coalora_edge.adapter import CoALoRAModel
+from coalora_edge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coalora_edge.data import TokenBlocks
+from coalora_edge.errors import CoaloraError
+from coalora_edge.quantize import Configuration
+
+METHODS = ("coa", "per-config", "shared", "none")
+OBJECTIVES = ("lm", "distill")
+#: the adapter each training method builds (per-config trains "shared" adapters one by one)
+ADAPTER_METHOD = {"coa": "coa", "shared": "shared", "per-config": "shared", "none": "none"}
+#: seed offsets so that the data order and configuration sampling draw independent streams
+_DATA_STREAM, _CONFIG_STREAM = 1, 2
+
+
+@dataclass
+class TrainSettings:
+    """What a run does; saved in checkpoints and bundles."""
+
+    method: str = "coa"
+    objective: str = "lm"
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    steps: int = 200  # optimizer steps (per configuration for per-config)
+    batch_size: int = 8
+    k_configs: int = 2  # configurations per step, gradients averaged
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50  # steps; 0 = only at the end of each run
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
+            (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.k_configs >= 1, f"K (configurations per step) must be at least 1, got {self.k_configs}"),
+            (self.checkpoint_every >= 0, f"checkpoint interval must be >= 0, got {self.checkpoint_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CoaloraError(message)
+
+
+def _generator(seed: int, stream: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, stream, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Block indices of ``step``'s batch: consecutive slices of per-epoch permutations."""
+    flat = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, positions = flat // n_blocks, flat % n_blocks
+    perms = {int(e): torch.randperm(n_blocks, generator=_generator(seed, _DATA_STREAM, int(e))) for e in epochs.unique()}
+    return torch.stack([perms[int(e)][p] for e, p in zip(epochs, positions)])
+
+
+def sample_configs(n_configs: int, k: int, step: int, seed: int) -> list[int]:
+    """Indices of the ``k`` configurations of ``step`` (without replacement while possible)."""
+    g = _generator(seed, _CONFIG_STREAM, step)
+    if k <= n_configs:
+        return torch.randperm(n_configs, generator=g)[:k].tolist()
+    return torch.randint(n_configs, (k,), generator=g).tolist()
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) on next-token distributions."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)  # (tokens, vocab)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+@dataclass
+class Run:
+    """One adapter trained on a set of configurations; its state keys get ``prefix``."""
+
+    configs: list[Configuration]
+    prefix: str = ""
+
+
+def plan_runs(method: str, configs: Sequence[Configuration]) -> list[Run]:
+    if method == "per-config":
+        return [Run([c], f"cfg{i}.") for i, c in enumerate(configs)]
+    return [Run(list(configs))]
+
+
+class Trainer:
+    """Trains ``wrapper`` on ``blocks.train`` over the runs of ``settings.method``.
+
+    ``accelerator`` is a Hugging Face ``Accelerator``; its ``prepare`` wraps the model
+    for DDP when launched with ``accelerate launch``.
+    """
+
+    def __init__(self, wrapper: CoALoRAModel, blocks: TokenBlocks, settings: TrainSettings,
+                 accelerator, checkpoint_dir: Path | None = None):
+        self.wrapper, self.blocks, self.settings = wrapper, blocks, settings
+        self.acc = accelerator
+        self.checkpoint_dir = checkpoint_dir
+        world = accelerator.num_processes
+        if settings.batch_size % world:
+            raise CoaloraError(f"batch size {settings.batch_size} must be a multiple of the {world} processes")
+        if settings.gradient_checkpointing:
+            # Non-reentrant: M is computed outside the checkpointed blocks and needs gradients.
+            wrapper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            wrapper.model.train()  # transformers only checkpoints in training mode
+        # The freshly initialised adapter: every run (per-config) starts from it.
+        self.initial_state = wrapper.trainable_state()
+        self.states: dict[str, torch.Tensor] = {}  # finished runs' states, prefixed
+        self.history: list[dict[str, float]] = []  # per logged step: step, loss, tokens/s
+
+    # -- one step ---------------------------------------------------------------------
+
+    def _loss(self, model, ids: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        if teacher is None:
+            return model(input_ids=ids, labels=ids).loss
+        return distill_loss(model(input_ids=ids).logits[:, :-1], teacher)
+
+    def step(self, model, optimizer, run: Run, step: int) -> float:
+        s = self.settings
+        idx = batch_indices(len(self.blocks.train), s.batch_size, step, s.seed)
+        idx = idx[self.acc.process_index :: self.acc.num_processes]  # this process's slice
+        ids = self.blocks.train[idx].to(self.acc.device)  # (b, T)
+        teacher = None
+        if s.objective == "distill":
+            with torch.no_grad(), self.wrapper.unquantized():
+                teacher = self.wrapper.model(input_ids=ids).logits[:, :-1]
+        picks = sample_configs(len(run.configs), s.k_configs, step, s.seed)
+        total = 0.0
+        for j, c in enumerate(picks):
+            self.wrapper.set_config(run.configs[c])
+            # Gradients of all K configurations are averaged; DDP syncs on the last only.
+            sync = contextlib.nullcontext() if j == len(picks) - 1 else self.acc.no_sync(model)
+            with sync:
+                loss = self._loss(model, ids, teacher) / len(picks)
+                self.acc.backward(loss)
+            total += loss.item()
+        self.acc.clip_grad_norm_(self.wrapper.trainable_parameters(), s.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.acc.num_processes > 1:  # report the loss of the whole batch, not this slice's
+            total = self.acc.reduce(torch.tensor(total, device=self.acc.device), reduction="mean").item()
+        return total
+
+    # -- runs, checkpoints ------------------------------------------------------------
+
+    def _optimizer(self):
+        return torch.optim.AdamW(self.wrapper.param_groups(self.settings.weight_decay), lr=self.settings.lr)
+
+    def _save(self, runs: list[Run], run_index: int, step: int, optimizer=None) -> None:
+        """Checkpoint: finished runs' states, plus (mid-run) the current state and optimizer."""
+        if self.checkpoint_dir is None or not self.acc.is_main_process:
+            return
+        adapter = dict(self.states)
+        if step > 0:
+            adapter |= {runs[run_index].prefix + k: v for k, v in self.wrapper.trainable_state().items()}
+        state = {"run": run_index, "step": step, "settings": asdict(self.settings),
+                 "configs": [dict(c) for c in _all_configs(runs)], "history": self.history}
+        optimizer_state = optimizer.state_dict() if step > 0 else {"state": {}, "param_groups": []}
+        save_checkpoint(self.checkpoint_dir, Checkpoint(adapter, optimizer_state, state))
+
+    def train(self, configs: Sequence[Configuration], resume: bool = False,
+              on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+        """Train every run; returns the adapter state (prefixed per run for per-config)."""
+        runs = plan_runs(self.settings.method, configs)
+        start_run, start_step, ckpt = 0, 0, None
+        if resume:
+            ckpt = load_checkpoint(self.checkpoint_dir)
+            self._check_resumable(ckpt.state, runs)
+            start_run, start_step = ckpt.state["run"], ckpt.state["step"]
+            self.history = ckpt.state["history"]
+        if not self.wrapper.trainable_parameters():  # method "none"
+            return {}
+        for r in range(start_run, len(runs)):
+            run = runs[r]
+            optimizer = self._optimizer()
+            self.wrapper.load_trainable_state(self.initial_state)
+            first = start_step if r == start_run else 0
+            if ckpt is not None and r == start_run:
+                p = run.prefix
+                self.states = {k: v for k, v in ckpt.adapter.items() if p and not k.startswith(p)}
+                if first > 0:  # mid-run: continue from the saved adapter and optimizer
+                    self.wrapper.load_trainable_state({k[len(p):]: v for k, v in ckpt.adapter.items() if k.startswith(p)})
+                    optimizer.load_state_dict(ckpt.optimizer)
+            model, optimizer = self.acc.prepare(self.wrapper, optimizer)
+            for step in range(first, self.settings.steps):
+                loss = self.step(model, optimizer, run, step)
+                self.history.append({"run": r, "step": step + 1, "loss": loss})
+                if on_step:
+                    on_step(step + 1, loss)
+                every = self.settings.checkpoint_every
+                if every and (step + 1) % every == 0:
+                    self._save(runs, r, step + 1, optimizer)
+            self.states.update({run.prefix + k: v for k, v in self.wrapper.trainable_state().items()})
+            if r + 1 < len(runs):
+                self._save(runs, r + 1, 0)
+        return dict(self.states)
+
+    def _check_resumable(self, state: dict[str, Any], runs: list[Run]) -> None:
+        saved = TrainSettings(**state["settings"])
+        if asdict(saved) | {"steps": 0, "checkpoint_every": 0} != asdict(self.settings) | {"steps": 0, "checkpoint_every": 0}:
+            raise CoaloraError(
+                f"checkpoint {self.checkpoint_dir} was made with other settings ({_diff(saved, self.settings)}); "
+                "resume with the same options, or train afresh without --resume"
+            )
+        if state["configs"] != [dict(c) for c in _all_configs(runs)]:
+            raise CoaloraError(f"checkpoint {self.checkpoint_dir} used another configuration set; train afresh without --resume")
+
+
+def _all_configs(runs: list[Run]) -> list[Configuration]:
+    return [c for run in runs for c in run.configs]
+
+
+def _diff(a: TrainSettings, b: TrainSettings) -> str:
+    da, db = asdict(a), asdict(b)
+    return ", ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k] and k not in ("steps", "checkpoint_every"))
+
+
+def progress_bar(total: int, batch_tokens: int, enabled: bool = True) -> tuple[Progress, Callable[[int, float], None]]:
+    """A Rich progress bar showing loss and tokens/s, and the callback that advances it."""
+    progress = Progress(
+        TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+    )
+    task = progress.add_task("train", total=total, loss=float("nan"), tps=0.0)
+    started = time.perf_counter()
+    done = [0]
+
+    def advance(step: int, loss: float) -> None:
+        done[0] += 1
+        elapsed = time.perf_counter() - started
+        progress.update(task, advance=1, loss=loss, tps=done[0] * batch_tokens / max(elapsed, 1e-9))
+
+    return progress, advance
