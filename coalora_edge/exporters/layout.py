@@ -1,0 +1,58 @@
+"""What each runtime stores besides the adapted matrices: embeddings, output head, norms,
+biases. The resolver counts these bytes and the exporters write exactly these types, so
+that "fits the device" and "the file on disk" agree.
+
+Defaults follow what llama.cpp's own quantize does for a mixed model (embeddings and
+head kept at 8 bits, norms in F32) and what a CPU ONNX Runtime model holds (fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+#: runtime -> (type of 2-D tensors, fallback when rows are not a block multiple, type of the rest)
+BASE_TYPES: dict[str, tuple[str, str, str]] = {
+    "llama.cpp": ("Q8_0", "F16", "F32"),
+    "onnxruntime": ("F32", "F32", "F32"),
+}
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    name: str  # parameter name in the Hugging Face model
+    shape: tuple[int, ...]
+    type: str  # ggml type name (F32 for ONNX fp32 initializers)
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.type]]
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel // block * size
+
+
+def tensor_type(runtime: str, shape: tuple[int, ...]) -> str:
+    matrix, fallback, other = BASE_TYPES[runtime]
+    if len(shape) != 2:
+        return other
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[matrix]][0]
+    return matrix if shape[1] % block == 0 else fallback
+
+
+def base_tensors(model: nn.Module, adapted: Iterable[str], runtime: str) -> list[BaseTensor]:
+    """Every parameter the runtime stores that is not an adapted weight (tied ones once)."""
+    adapted_weights = {f"{name}.weight" for name in adapted} | {f"{name}.base_layer.weight" for name in adapted}
+    return [
+        BaseTensor(name, tuple(p.shape), tensor_type(runtime, tuple(p.shape)))
+        for name, p in model.named_parameters()  # remove_duplicate=True: a tied head is counted once
+        if name not in adapted_weights
+    ]
+
+
+def base_bytes(model: nn.Module, adapted: Iterable[str], runtime: str) -> int:
+    return sum(t.nbytes for t in base_tensors(model, adapted, runtime))
