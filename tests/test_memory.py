@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoConfig
 
 from coalora_edge.errors import ModelError, ProfileError
+from coalora_edge.exporters.layout import base_bytes
 from coalora_edge.inspection import inspect_model
 from coalora_edge.memory import (
     ModelDims, estimate_memory, kv_cache_bytes, kv_cells, llamacpp_compute_bytes, onnxruntime_compute_bytes, sidecar_bytes,
@@ -158,10 +159,10 @@ def test_tiny_demo_profiles_make_the_resolver_choose(tinystories_dir, name, sche
     model = load_model(str(tinystories_dir))
     sch = get_scheme(scheme)
     report = inspect_model(model, sch, sch.default_choices)
-    # TinyStories keeps its token embeddings and norms in fp32.
-    non_adapted = 4 * (report["parameters"] - report["adapted_parameters"])
-    dims = ModelDims.from_config(model.config)
     device = load_profile(name)
+    # Embeddings and norms at the types the exporters write for this runtime.
+    non_adapted = base_bytes(model, [r["name"] for r in report["matrices"]], device.runtime)
+    dims = ModelDims.from_config(model.config)
     fit = [estimate_memory(device, dims, weights_bytes=report[key], non_adapted_bytes=non_adapted).fits
            for key in ("smallest_config_bytes", "largest_config_bytes")]
     assert fit == [True, False]

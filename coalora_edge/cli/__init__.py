@@ -12,6 +12,7 @@ from coalora_edge.cli.demo import demo
 from coalora_edge.cli.eval import eval
 from coalora_edge.cli.inspect import inspect
 from coalora_edge.cli.profiles import profiles_app
+from coalora_edge.cli.resolve import resolve
 from coalora_edge.cli.train import train
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command()(inspect)
 app.command()(train)
 app.command()(eval)
 app.add_typer(profiles_app, name="profiles")
+app.command()(resolve)
 app.command()(demo)
 
 

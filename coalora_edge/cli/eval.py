@@ -1,4 +1,4 @@
-"""`coalora-edge eval BUNDLE --data PATH (--bpw X | --config FILE)`: perplexity of one
+"""`coalora-edge eval BUNDLE --data PATH (--bpw X | --config FILE | --profile P)`: perplexity of one
 configuration with its generated adapter, next to the same configuration without the
 adapter and the unquantized base model."""
 
@@ -16,7 +16,9 @@ from coalora_edge.cli.common import console, one_line_errors, print_json
 from coalora_edge.data import load_blocks
 from coalora_edge.errors import CoaloraError
 from coalora_edge.evaluate import lm_score
+from coalora_edge.profiles import load_profile
 from coalora_edge.quantize import config_nbytes
+from coalora_edge.resolver import resolve
 from coalora_edge.restore import config_at_bpw, read_config_file, restore
 from coalora_edge.schemes import get_scheme
 
@@ -27,6 +29,7 @@ def eval(  # noqa: A001 - the command is called eval
     data: List[str] = typer.Option(..., "--data", help="Text (.txt), JSON Lines (.jsonl) or hf:DATASET[:SPLIT]; repeatable."),
     bpw: Optional[float] = typer.Option(None, help="Use the best known configuration at or under this many bits per weight."),
     config: Optional[Path] = typer.Option(None, help="JSON file: {matrix: format} or a list of formats in matrix order."),
+    profile: Optional[str] = typer.Option(None, help="Use the configuration `coalora-edge resolve` picks for this device profile (name or YAML file)."),
     model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
     seq_len: int = typer.Option(256, help="Tokens per evaluation block."),
     max_blocks: int = typer.Option(64, help="Evaluate at most this many blocks."),
@@ -34,10 +37,13 @@ def eval(  # noqa: A001 - the command is called eval
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Perplexity of a configuration with its adapter, without it, and of the unquantized model."""
-    if (bpw is None) == (config is None):
-        raise CoaloraError("pass exactly one of --bpw X or --config FILE")
+    if [bpw, config, profile].count(None) != 2:
+        raise CoaloraError("pass exactly one of --bpw X, --config FILE or --profile P")
     b = load_bundle(bundle)
-    chosen = read_config_file(b, config) if config else config_at_bpw(b, bpw)[0]
+    if profile is not None:
+        chosen = resolve(b, load_profile(profile), model).config
+    else:
+        chosen = read_config_file(b, config) if config else config_at_bpw(b, bpw)[0]
     restored = restore(b, model)
     # All of it is evaluation text: the split's validation part would only drop tokens.
     blocks = load_blocks(restored.tokenizer, data, seq_len, valid_fraction=0.5)
