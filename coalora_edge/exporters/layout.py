@@ -45,13 +45,21 @@ def tensor_type(runtime: str, shape: tuple[int, ...]) -> str:
 
 
 def base_tensors(model: nn.Module, adapted: Iterable[str], runtime: str) -> list[BaseTensor]:
-    """Every parameter the runtime stores that is not an adapted weight (tied ones once)."""
-    adapted_weights = {f"{name}.weight" for name in adapted} | {f"{name}.base_layer.weight" for name in adapted}
-    return [
-        BaseTensor(name, tuple(p.shape), tensor_type(runtime, tuple(p.shape)))
-        for name, p in model.named_parameters()  # remove_duplicate=True: a tied head is counted once
-        if name not in adapted_weights
-    ]
+    """Every parameter the runtime stores that is not an adapted weight (tied ones once).
+
+    ``model`` may be wrapped by a CoALoRAModel: names are then reported as in the plain
+    Hugging Face model (``q_proj.base_layer.bias`` -> ``q_proj.bias``), and the LoRA
+    factors inside adapted modules are not base tensors.
+    """
+    adapted = set(adapted)
+    found = []
+    for wrapped_name, p in model.named_parameters():  # remove_duplicate=True: a tied head is counted once
+        name = wrapped_name.replace(".base_layer.", ".")
+        module, _, leaf = name.rpartition(".")
+        if module in adapted and leaf != "bias":  # the weight, lora_A, lora_B
+            continue
+        found.append(BaseTensor(name, tuple(p.shape), tensor_type(runtime, tuple(p.shape))))
+    return found
 
 
 def base_bytes(model: nn.Module, adapted: Iterable[str], runtime: str) -> int:

@@ -1,0 +1,104 @@
+"""`coalora-edge export BUNDLE --profile P --format gguf|onnx --out DIR [--adapter-mode merged|sidecar]`:
+write the configuration a device runs as files its runtime loads, verified in that runtime."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from coalora_edge.bundle import Bundle, load_bundle
+from coalora_edge.cli.common import console, one_line_errors, print_json
+from coalora_edge.errors import CoaloraError
+from coalora_edge.profiles import DeviceProfile, format_size, load_profile
+from coalora_edge.quantize import Configuration
+from coalora_edge.resolver import resolve
+from coalora_edge.restore import config_at_bpw, read_config_file, restore
+
+#: --format -> module with ``export(restored, config, out, *, adapter_mode, profile, force) -> dict``
+#: (the content of OUT/export.json). Imported on use: each pulls in its runtime.
+EXPORTERS = {
+    "gguf": "coalora_edge.exporters.gguf",
+    "onnx": "coalora_edge.exporters.onnx",
+}
+ADAPTER_MODES = ("merged", "sidecar")
+
+
+@one_line_errors
+def export(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `coalora-edge train`."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (atomically: complete or not at all)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Device profile (name or YAML file): picks the configuration, the adapter mode and the memory check."),
+    fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join(EXPORTERS)} (default: the bundle's scheme)."),
+    config: Optional[Path] = typer.Option(None, help="Export this configuration instead of the profile's: JSON {matrix: format} or a list of formats."),
+    bpw: Optional[float] = typer.Option(None, help="Export the best known configuration at or under this many bits per weight."),
+    adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged)."),
+    model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
+    accuracy_level: Optional[int] = typer.Option(None, min=0, max=4, help="onnx only: MatMulNBits accuracy level; 4 (default) rounds activations to int8 and decodes 2/8-bit nodes fast, 0 computes in exact fp32."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print export.json instead of a summary."),
+) -> None:
+    """Export a bundle's configuration for a device, and verify it in the real runtime."""
+    b = load_bundle(bundle)
+    device = load_profile(profile) if profile else None
+    mode = adapter_mode or (device.adapter_mode if device else "merged")
+    if mode not in ADAPTER_MODES:
+        raise CoaloraError(f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
+    if device:
+        device = device.model_copy(update={"adapter_mode": mode})  # the memory model counts the mode shipped
+    exporter = _exporter(fmt or b.scheme, b)
+    chosen = _configuration(b, device, config, bpw, model)
+    options = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
+    if options and (fmt or b.scheme) != "onnx":
+        raise CoaloraError("--accuracy-level applies to --format onnx only")
+    report = exporter.export(restore(b, model), chosen, out, adapter_mode=mode, profile=device, force=force, **options)
+    if json_out:
+        print_json(report)
+    else:
+        render(report, out)
+
+
+def _exporter(fmt: str, bundle: Bundle) -> Any:
+    if fmt not in EXPORTERS:
+        raise CoaloraError(f"unknown --format {fmt!r}; choose one of: {', '.join(EXPORTERS)}")
+    if fmt != bundle.scheme:
+        raise CoaloraError(
+            f"bundle {bundle.path} was trained for {bundle.scheme} formats and cannot be shipped as {fmt}; "
+            f"use --format {bundle.scheme} or retrain with --scheme {fmt}"
+        )
+    return importlib.import_module(EXPORTERS[fmt])
+
+
+def _configuration(bundle: Bundle, profile: DeviceProfile | None, config: Path | None, bpw: float | None,
+                   model: str | None) -> Configuration:
+    """--config, --bpw, or what the resolver picks for the profile."""
+    if config is not None and bpw is not None:
+        raise CoaloraError("pass at most one of --config FILE and --bpw X")
+    if config is not None:
+        return read_config_file(bundle, config)
+    if bpw is not None:
+        return config_at_bpw(bundle, bpw)[0]
+    if profile is None:
+        raise CoaloraError("pass --profile P (or --config FILE / --bpw X) to say which configuration to export")
+    return resolve(bundle, profile, model).config
+
+
+def render(report: dict[str, Any], out: Path) -> None:
+    files = Table("file", "bytes", "size", title=f"{out} ({report['runtime']}, {report['adapter_mode']})")
+    for name, f in report["files"].items():
+        files.add_row(name, f"{f['bytes']:,}", format_size(f["bytes"]))
+    console.print(files)
+    checks = Table("verification", "KL (nats)", "top-1", title="next-token agreement on the verification prompts")
+    for label, figures in report["verification"].items():
+        if isinstance(figures, dict) and {"kl", "top1"} <= figures.keys():
+            checks.add_row(label.replace("_", " "), f"{figures['kl']:.3g}", f"{figures['top1']:.3f}")
+    console.print(checks)
+    memory = report.get("memory")
+    if memory:
+        console.print(f"memory on {report['profile']}: {format_size(memory['total'])} of {format_size(memory['memory'])} "
+                      f"(headroom {format_size(memory['headroom'])})", highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)

@@ -1,0 +1,54 @@
+"""`coalora-edge run ARTIFACT --prompt TEXT [--max-tokens N]`: greedy generation with an
+exported artifact in its own runtime (a sidecar adapter beside the model is applied)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from coalora_edge.cli.common import console, one_line_errors, print_json
+from coalora_edge.errors import CoaloraError
+
+#: model file suffix -> module with ``generate(path, prompt, max_tokens, threads) -> str``.
+#: Imported on use: each pulls in its runtime.
+RUNNERS = {
+    ".gguf": "coalora_edge.exporters.verify_llamacpp",
+    ".onnx": "coalora_edge.exporters.onnx_run",
+}
+MODEL_STEM = "model"  # what `coalora-edge export` names the model file in its folder
+
+
+@one_line_errors
+def run(
+    artifact: Path = typer.Argument(..., help="A model file (.gguf, ...) or the folder `coalora-edge export` wrote."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most (stops earlier at end of text)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: the runtime's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object {artifact, prompt, text}."),
+) -> None:
+    """Generate text with an exported model in its runtime."""
+    model = _model_file(artifact)
+    runner = importlib.import_module(RUNNERS[model.suffix])
+    text = runner.generate(model, prompt, max_tokens, threads)
+    if json_out:
+        print_json({"artifact": str(model), "prompt": prompt, "text": text})
+    else:
+        console.print(f"[bold]{prompt}[/]{text}", highlight=False, soft_wrap=True)
+
+
+def _model_file(path: Path) -> Path:
+    """The model file of ``path``: itself, or ``model.<suffix>`` inside an export folder."""
+    if path.is_dir():
+        found = [path / f"{MODEL_STEM}{suffix}" for suffix in RUNNERS if (path / f"{MODEL_STEM}{suffix}").is_file()]
+        if len(found) != 1:
+            raise CoaloraError(f"{path} holds no single model file ({', '.join(MODEL_STEM + s for s in RUNNERS)}); "
+                               "pass the folder `coalora-edge export` wrote or a model file")
+        return found[0]
+    if not path.is_file():
+        raise CoaloraError(f"{path} not found; pass a model file or the folder `coalora-edge export` wrote")
+    if path.suffix not in RUNNERS:
+        raise CoaloraError(f"cannot run {path}: known model files are {', '.join(RUNNERS)}")
+    return path

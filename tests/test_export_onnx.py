@@ -1,0 +1,249 @@
+"""The ONNX exporter against ONNX Runtime itself: the weights MatMulNBits computes with are
+the ones trained, the logits agree with PyTorch, optimum loads and generates the folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from coalora_edge.bundle import load_bundle
+from coalora_edge.cli import app
+from coalora_edge.errors import RuntimeLibraryError
+from coalora_edge.exporters import onnx as onnx_export
+from coalora_edge.exporters.layout import base_bytes
+from coalora_edge.exporters.onnx import DATA_FILE, MODEL_FILE, REPORT_FILE, export, trained_logits, verify
+from coalora_edge.exporters.onnx_graph import MS_DOMAIN, NBITS_OP, OnnxExportError, initializer_bytes
+from coalora_edge.exporters.onnx_run import generate
+from coalora_edge.exporters.ort import open_session
+from coalora_edge.fileio import OutputExistsError
+from coalora_edge.memory import sidecar_bytes
+from coalora_edge.profiles import load_profile
+from coalora_edge.quantize import config_nbytes
+from coalora_edge.resolver import resolve
+from coalora_edge.restore import restore
+from coalora_edge.schemes.onnx import FORMATS
+from coalora_edge.tiny import build_tiny_model
+from coalora_edge.train_job import TrainJob, run
+from coalora_edge.training import TrainSettings
+
+#: every bit width, both symmetries, blocks from 16 to 256 (past K = 64: padded)
+MIX = ("int2_b16_sym", "int4_b32_asym", "int8_b64_sym", "int2_b128_asym", "int4_b256_sym", "int8_b16_asym")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: what training explores (few, for speed); the exported configurations may use any onnx format
+CHOICES = ("int2_b32_asym", "int4_b32_asym", "int8_b32_asym")
+#: what ORT adds by folding constant subgraphs (rotary frequencies, masks): 0.7 KB measured
+FOLDED_CONSTANTS = 4096
+SETTINGS = TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds waiting (and the CI box is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_model(path: Path, arch: str, tokenizer_dir: Path) -> Path:
+    """A tiny model with TinyStories' tokenizer (vocabulary 2048) whose norms and biases are
+    random: initialised ones (all 1, all 0) would be deduplicated by the ONNX export."""
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(path, arch, vocab=2048, hidden=64, layers=2, heads=4, kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+def _train(model: Path, text: Path, out: Path) -> Path:
+    run(TrainJob(model=str(model), data=[str(text)], out=out, scheme="onnx", seq_len=32, budgets=[3.5, 6.0],
+                 choices=list(CHOICES), eval_blocks=8, show_progress=False, settings=SETTINGS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tinystories_dir, tinystories_text, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx-export")
+    found = {"tinystories": _train(tinystories_dir, tinystories_text, root / "b-tinystories")}
+    for arch in ("llama", "qwen2"):
+        model = _tiny_model(root / arch, arch, tinystories_dir)
+        found[arch] = _train(model, tinystories_text, root / f"b-{arch}")
+    return found
+
+
+def _mixed_config(restored) -> dict[str, str]:
+    return {m.name: MIX[i % len(MIX)] for i, m in enumerate(restored.wrapper.matrices)}
+
+
+def _nbits_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name.removesuffix(f".{NBITS_OP}"): n for n in model.graph.node if n.op_type == NBITS_OP}
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, int]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _ort_dequantized(model: onnx.ModelProto, node: onnx.NodeProto) -> torch.Tensor:
+    """The weights ORT computes ``node`` with, ``(N, K)``: the node alone, fed the identity."""
+    attrs = _attributes(node)
+    k, n = attrs["K"], attrs["N"]
+    inits = [i for i in model.graph.initializer if i.name in node.input[1:]]
+    alone = helper.make_node(NBITS_OP, ["A", *node.input[1:]], ["Y"], domain=MS_DOMAIN, **{**attrs, "accuracy_level": 0})
+    graph = helper.make_graph([alone], "alone", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
+    session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+    (w_t,) = session.run(None, {"A": np.eye(k, dtype=np.float32)})  # (K, N)
+    return torch.from_numpy(w_t.T.copy())
+
+
+def _runtime_initializer_bytes(model: Path, optimized: Path) -> int:
+    """Weight bytes of the graph ONNX Runtime runs, after its load-time optimisations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return initializer_bytes(onnx.load(str(optimized)))
+
+
+@pytest.mark.parametrize("mode", ["merged", "sidecar"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "tinystories"])
+def test_matmulnbits_computes_with_the_trained_weights(bundles, tmp_path, arch, mode):
+    restored = restore(load_bundle(bundles[arch]))
+    config = _mixed_config(restored)
+    report = export(restored, config, tmp_path / "out", adapter_mode=mode, threads=1)
+    model = onnx.load(str(tmp_path / "out" / MODEL_FILE))
+    nodes = _nbits_nodes(model)
+    wrapper = restored.wrapper
+    assert nodes.keys() == wrapper.layers.keys()
+    lora = wrapper.collapsed_lora(config)
+    for name, layer in wrapper.layers.items():
+        fmt = FORMATS[config[name]]
+        out_features, in_features = layer.base_layer.weight.shape
+        assert _attributes(nodes[name]) == {"K": in_features, "N": out_features, "bits": fmt.bits,
+                                            "block_size": fmt.block, "accuracy_level": 4}
+        assert len(nodes[name].input) == (3 if fmt.symmetric else 4)
+        if mode == "sidecar":  # Q_c(W) exactly as training computed with it
+            expected = layer.quantized
+        else:  # the folded weight, quantized by the scheme
+            A, B = lora[name]
+            expected = fmt.roundtrip(layer.base_layer.weight + wrapper.scaling * (B @ A))
+        assert torch.equal(_ort_dequantized(model, nodes[name]), expected), name
+    assert report["verification"]["exact"]["relative"] <= onnx_export.EXACT_TOLERANCE
+
+    # the weights in the file are the bytes the resolver counts for this configuration
+    shapes = {m.name: m.shape for m in wrapper.matrices}
+    expected_bytes = config_nbytes(wrapper.scheme, shapes, config) + base_bytes(wrapper.model, shapes, "onnxruntime")
+    if mode == "sidecar":
+        expected_bytes += sidecar_bytes(shapes.values(), wrapper.rank)
+    assert initializer_bytes(model) == expected_bytes == report["sizes"]["initializer_bytes"]
+    # ... and what ONNX Runtime holds once it has optimised the graph: a tied embedding once
+    held = _runtime_initializer_bytes(tmp_path / "out" / MODEL_FILE, tmp_path / "optimized.onnx")
+    assert 0 <= held - expected_bytes < FOLDED_CONSTANTS
+    if arch == "qwen2":  # the q/k/v biases are kept, as fp32 initializers of their Add
+        arrays = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer]
+        bias = wrapper.layers["model.layers.0.self_attn.k_proj"].base_layer.bias.detach().numpy()
+        assert sum(np.array_equal(a, bias) for a in arrays) == 1
+
+
+def test_verification_fails_when_the_runtime_computes_something_else(bundles, tmp_path):
+    """The checks can fail: the model without its adapter, or other codes, are not in the file."""
+    restored = restore(load_bundle(bundles["llama"]))
+    config = _mixed_config(restored)
+    export(restored, config, tmp_path / "out", adapter_mode="sidecar", accuracy_level=0, threads=1)
+    planned = onnx_export.plan(restored, config, "sidecar")
+    ids = [restored.tokenizer(p, return_tensors="pt").input_ids for p in onnx_export.VERIFY_PROMPTS]
+    trained, quantized_only = trained_logits(restored, ids)
+    figures, _ = verify(tmp_path / "out", planned, ids, trained, 0, threads=1)
+    assert figures["exact"]["relative"] <= onnx_export.EXACT_TOLERANCE
+    assert float((trained - quantized_only).abs().max() / trained.abs().max()) > 100 * onnx_export.EXACT_TOLERANCE
+    with pytest.raises(OnnxExportError, match="differs from the PyTorch model"):
+        verify(tmp_path / "out", planned, ids, quantized_only, 0, threads=1)
+    other = onnx_export.plan(restored, {n: "int4_b32_asym" for n in config}, "sidecar")
+    with pytest.raises(OnnxExportError, match="differs from the scheme's packing"):
+        verify(tmp_path / "out", other, ids, trained, 0, threads=1)
+
+
+def test_a_failed_export_leaves_nothing_and_an_existing_one_is_kept(bundles, tmp_path, monkeypatch):
+    restored = restore(load_bundle(bundles["llama"]))
+    config = _mixed_config(restored)
+    monkeypatch.setattr(onnx_export, "EXACT_TOLERANCE", 0.0)  # no float rounding allowed: must fail
+    with pytest.raises(OnnxExportError):
+        export(restored, config, tmp_path / "out", threads=1)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    export(restored, config, tmp_path / "out", threads=1)
+    with pytest.raises(OutputExistsError):
+        export(restored, config, tmp_path / "out", threads=1)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_tinystories_generates_in_onnxruntime_as_in_pytorch(bundles, tmp_path, external):
+    """Sidecar at level 0 is the trained model: optimum's generate gives PyTorch's greedy tokens."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    restored = restore(load_bundle(bundles["tinystories"]))
+    config = load_bundle(bundles["tinystories"]).configs()[-1]
+    out = tmp_path / "out"
+    export(restored, config, out, adapter_mode="sidecar", accuracy_level=0, threads=1,
+                external_data_bytes=1000 if external else onnx_export.EXTERNAL_DATA_BYTES)
+    assert (out / DATA_FILE).exists() == external
+    prompt = restored.tokenizer("Once upon a time, there was a little dog", return_tensors="pt")
+    with torch.no_grad():
+        expected = restored.wrapper.model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    runtime = ORTModelForCausalLM.from_pretrained(out)
+    tokens = runtime.generate(**prompt, max_new_tokens=24, do_sample=False)
+    assert torch.equal(tokens, expected)
+    text = generate(out, "Once upon a time, there was a little dog", max_tokens=24, threads=1)
+    assert text == restored.tokenizer.decode(expected[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+    assert {"the", "was"} & set(text.lower().split()), text
+
+
+def cli(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_export_and_run_from_the_command_line(bundles, tmp_path):
+    out = tmp_path / "tiny-demo"
+    done = cli("export", bundles["tinystories"], "--profile", "tiny-demo-onnx", "--format", "onnx", "--out", out, "--json")
+    assert done.exit_code == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report == json.loads((out / REPORT_FILE).read_text())
+    resolution = resolve(load_bundle(bundles["tinystories"]), load_profile("tiny-demo-onnx"))
+    assert report["config"] == resolution.config and report["accuracy_level"] == 4
+    assert report["sizes"]["matches"] and report["memory"]["fits"]
+    memory = {k: report["memory"][k] for k in ("weights", "non_adapted", "sidecar")}
+    assert memory == {"weights": resolution.memory.weights, "non_adapted": resolution.memory.non_adapted, "sidecar": 0}
+
+    done = cli("run", out, "--prompt", "Once upon a time", "--max-tokens", "16", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == generate(out, "Once upon a time", max_tokens=16, threads=1)
+
+    data = bytearray((out / MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / MODEL_FILE).write_bytes(bytes(data))
+    done = cli("run", out, "--prompt", "Once upon a time")
+    assert done.exit_code == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "does not match its sha256" in done.stderr
+
+
+def test_a_file_onnxruntime_cannot_load_is_one_clear_error(tmp_path):
+    (tmp_path / MODEL_FILE).write_bytes(b"not a protobuf")
+    with pytest.raises(RuntimeLibraryError, match="ONNX Runtime cannot load"):
+        open_session(tmp_path / MODEL_FILE)
