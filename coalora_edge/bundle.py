@@ -5,7 +5,9 @@
                            adapter settings, training summary, sha256 of every file below
       adapter.safetensors  LoRA factors and configuration model (per-config: one set per
                            configuration, keys prefixed "cfg{i}.")
-      configs.json         the training configuration set (choice lists in matrix order)
+      configs.json         the training configuration set, and every configuration evaluated
+                           ("evaluated", training set first; pareto.json indexes it);
+                           choice lists in matrix order
       imatrix.safetensors  importance matrix (gguf), sensitivity.json, pareto.json, ...:
                            written through :func:`write_bundle`'s ``extra_files``
 
@@ -75,8 +77,16 @@ class Bundle:
 
     def configs(self) -> list[dict[str, str]]:
         """The training configuration set, as matrix name -> format name."""
+        return self._configs("training_set")
+
+    def evaluated(self) -> list[dict[str, str]]:
+        """Every configuration measured (the training set first): what ``pareto.json``'s
+        ``config`` fields index. Bundles from before the search list only the training set."""
+        return self._configs("evaluated" if "evaluated" in self.read_json(CONFIGS) else "training_set")
+
+    def _configs(self, key: str) -> list[dict[str, str]]:
         names = [m["name"] for m in self.manifest["matrices"]]
-        return [dict(zip(names, choices)) for choices in self.read_json(CONFIGS)["training_set"]]
+        return [dict(zip(names, choices)) for choices in self.read_json(CONFIGS)[key]]
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
@@ -105,12 +115,25 @@ def write_bundle(
     training: Mapping[str, Any],
     extra_files: Mapping[str, bytes] | None = None,
     force: bool = False,
+    evaluated: list[Mapping[str, str]] | None = None,
 ) -> Bundle:
-    """Write a bundle atomically; ``base_model`` holds ``source`` plus :func:`model_fingerprint`."""
+    """Write a bundle atomically; ``base_model`` holds ``source`` plus :func:`model_fingerprint`.
+
+    ``evaluated`` (every configuration measured) must begin with ``training_set``.
+    """
     names = [m.name for m in matrices]
+
+    def rows(configs: list[Mapping[str, str]]) -> list[list[str]]:
+        return [[c[n] for n in names] for c in configs]
+
+    listing = {"matrices": names, "training_set": rows(training_set)}
+    if evaluated is not None:
+        if rows(evaluated[: len(training_set)]) != listing["training_set"]:
+            raise BundleError("the evaluated configurations must begin with the training set")
+        listing["evaluated"] = rows(evaluated)
     with atomic_dir(out, force=force) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, tmp / ADAPTER)
-        (tmp / CONFIGS).write_text(json.dumps({"matrices": names, "training_set": [[c[n] for n in names] for c in training_set]}))
+        (tmp / CONFIGS).write_text(json.dumps(listing))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         manifest = {

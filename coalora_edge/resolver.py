@@ -306,12 +306,12 @@ def _config_space(bundle: Bundle, shapes: dict) -> ConfigSpace:
     sensitivity = Sensitivity.from_dict(bundle.read_json(SENSITIVITY))
     problem = Problem.build(get_scheme(bundle.scheme), shapes, sensitivity)
     index = {c: i for i, c in enumerate(problem.choices)}
-    trained = bundle.configs()
+    measured = bundle.evaluated()
     records = evaluations(bundle)
     picks = []
     for record in records:
-        # a record names a training configuration by index, or holds its own mapping
-        config = trained[record["config"]] if isinstance(record["config"], int) else record["config"]
+        # a record names a measured configuration by index, or holds its own mapping
+        config = measured[record["config"]] if isinstance(record["config"], int) else record["config"]
         unknown = sorted(set(config.values()) - index.keys())
         if unknown:
             raise BundleError(f"bundle {bundle.path}: a measured configuration uses {unknown[0]}, which "

@@ -64,13 +64,15 @@ def restore(bundle: Bundle, model: str | None = None, device: str = "cpu") -> Re
 
 
 def evaluations(bundle: Bundle) -> list[dict[str, Any]]:
-    """Every configuration measured on validation data, as recorded in the bundle."""
-    return bundle.read_json(PARETO)["evaluations"]
+    """The measurements taken with the final adapter (earlier search rounds' are stale)."""
+    every = bundle.read_json(PARETO)["evaluations"]
+    last = max(e["step"] for e in every)
+    return [e for e in every if e["step"] == last]
 
 
 def config_at_bpw(bundle: Bundle, bits_per_weight: float) -> tuple[Configuration, dict[str, Any]]:
     """The known configuration with the lowest validation loss at or under the budget."""
-    known = bundle.configs()
+    known = bundle.evaluated()
     fitting = [e for e in evaluations(bundle) if e["bits_per_weight"] <= bits_per_weight + 1e-12]
     if not fitting:
         smallest = min(e["bits_per_weight"] for e in evaluations(bundle))

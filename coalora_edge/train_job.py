@@ -1,8 +1,8 @@
 """From a model folder and text to a bundle: the whole `coalora-edge train` job.
 
     model + data -> importance matrix (calibration) -> sensitivity per (matrix, format)
-    -> training configuration set (budget ladder) -> Trainer -> validation of every
-    training configuration -> bundle
+    -> training configuration set (uniform / budget ladder) -> Trainer, with the Pareto
+    search refining the set in rounds -> validation of the final set -> bundle
 
 Everything heavy is delegated (data.py, search/, adapter.py, training.py, bundle.py);
 this module only decides the order and what goes into the bundle.
@@ -27,12 +27,13 @@ from coalora_edge.data import TokenBlocks, load_blocks
 from coalora_edge.errors import CoaloraError
 from coalora_edge.evaluate import lm_score
 from coalora_edge.models import load_model, resolve_model_dir
-from coalora_edge.quantize import Configuration, config_nbytes
+from coalora_edge.quantize import Configuration
 from coalora_edge.schemes import get_scheme
 from coalora_edge.search.ladder import Problem, best_config, ladder
+from coalora_edge.search.refine import Space
+from coalora_edge.search.rounds import ConfigSearch, SearchSettings, uniform_configs
 from coalora_edge.search.sensitivity import Imatrix, activation_sensitivity, collect_imatrix
 from coalora_edge.training import ADAPTER_METHOD, Trainer, TrainSettings, progress_bar
-
 
 
 @dataclass
@@ -43,13 +44,14 @@ class TrainJob:
     scheme: str = "gguf"
     choices: list[str] | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
     seq_len: int = 256
     valid_fraction: float = 0.1
     epochs: float | None = None  # if set, replaces settings.steps: passes over the training blocks
     budgets: list[float] | None = None  # bits per weight; default: the whole ladder
     ladder_step: float = 0.1
     calib_blocks: int = 32
-    eval_blocks: int = 32
+    eval_blocks: int = 32  # the fixed held-out blocks every configuration is measured on
     use_imatrix: bool = True  # gguf only: quantize with llama.cpp's importance matrix
     device: str = "auto"
     dtype: str = "auto"
@@ -85,22 +87,19 @@ def training_set(problem: Problem, budgets: Sequence[float] | None, step: float)
     return configs
 
 
-def evaluate_configs(wrapper: CoALoRAModel, states: dict[str, torch.Tensor], method: str,
-                     configs: Sequence[Configuration], shapes, scheme, valid: torch.Tensor,
-                     batch_size: int, step: int) -> list[dict]:
-    """Validation loss of every configuration with the adapter trained for it."""
-    records = []
-    for i, config in enumerate(configs):
-        prefix = f"cfg{i}." if method == "per-config" else ""
-        if states:
-            wrapper.load_trainable_state({k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)})
-        wrapper.set_config(config)
-        score = lm_score(wrapper, valid, batch_size)
-        nbytes = config_nbytes(scheme, shapes, config)
-        numel = sum(s[0] * s[1] for s in shapes.values())
-        records.append({"config": i, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
-                        "loss": score.loss, "perplexity": score.perplexity, "tokens": score.tokens, "step": step})
-    return records
+def initial_set(mode: str, problem: Problem, space: Space, budgets: Sequence[float] | None,
+                step: float) -> list[Configuration]:
+    """``none``: the uniform configurations; ``ladder`` and ``pareto``: the budget ladder."""
+    if mode != "none":
+        return training_set(problem, budgets, step)
+    if budgets is not None:
+        raise CoaloraError("--search none trains on the uniform configurations; drop --budgets or use --search ladder")
+    return uniform_configs(space)
+
+
+def per_config_state(states: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    prefix = f"cfg{index}."
+    return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
 
 
 def run(job: TrainJob) -> Bundle:
@@ -132,25 +131,44 @@ def run(job: TrainJob) -> Bundle:
     )
     shapes = {m.name: m.shape for m in wrapper.matrices}
     sensitivity = activation_sensitivity(wrapper.cache, imatrix, choices)
-    configs = training_set(Problem.build(scheme, shapes, sensitivity), job.budgets, job.ladder_step)
+    problem = Problem.build(scheme, shapes, sensitivity)
+    space = Space.from_problem(problem)
+    mode = job.search.resolve(s.method, job.budgets is not None)
+    configs = initial_set(mode, problem, space, job.budgets, job.ladder_step)
 
-    trainer = Trainer(wrapper, blocks, s, acc, job.checkpoint_dir)
+    valid = blocks.valid[: job.eval_blocks]
+
+    def measure(config: Configuration):
+        wrapper.set_config(config)
+        return lm_score(wrapper, valid, s.batch_size)
+
+    search = ConfigSearch(space, measure, job.search, job.search.schedule(s.steps) if mode == "pareto" else [], s.seed)
+    trainer = Trainer(wrapper, blocks, s, acc, job.checkpoint_dir, refiner=search if mode == "pareto" else None)
     steps = s.steps * (len(configs) if s.method == "per-config" else 1) if wrapper.trainable_parameters() else 0
     progress, advance = progress_bar(steps, s.batch_size * job.seq_len, job.show_progress and acc.is_main_process)
     with progress:
         states = trainer.train(configs, resume=job.resume, on_step=advance)
     train_seconds = time.perf_counter() - started
 
-    valid = blocks.valid[: job.eval_blocks]
-    records = evaluate_configs(wrapper, states, s.method, configs, shapes, scheme, valid, s.batch_size, s.steps)
-    with torch.no_grad(), wrapper.unquantized():
-        reference = lm_score(wrapper, valid, s.batch_size)
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return None  # type: ignore[return-value]
+    final = search.finish(s.steps, trainer.training_set)  # rounds training never reached (method none)
+    for i, config in enumerate(final):
+        if s.method == "per-config" and states:
+            wrapper.load_trainable_state(per_config_state(states, i))
+        search.measure_at(space.encode(config), s.steps)
+    with torch.no_grad(), wrapper.unquantized():
+        reference = lm_score(wrapper, valid, s.batch_size)
+    # the bundle's configurations: the final training set first, then every other one measured
+    trained = [space.encode(c) for c in final]
+    others = list(dict.fromkeys(r.levels for r in search.records if r.levels not in set(trained)))
+    evaluated = trained + others
+    evaluated_configs = list(final) + [space.decode(levels) for levels in others]
+    wall_seconds = time.perf_counter() - started
     extra = {
         SENSITIVITY: json.dumps(sensitivity.to_dict()).encode(),
-        PARETO: json.dumps({"evaluations": records, "unquantized": reference.as_dict()}, indent=2).encode(),
+        PARETO: json.dumps(search.document(evaluated, reference, mode), indent=2).encode(),
     }
     if imatrix.values:
         extra[IMATRIX] = save(imatrix.values, metadata={"tokens": json.dumps(imatrix.tokens)})
@@ -161,9 +179,12 @@ def run(job: TrainJob) -> Bundle:
         scheme=job.scheme, choices=choices, matrices=wrapper.matrices,
         adapter={"method": s.method, "adapter_method": ADAPTER_METHOD[s.method], "rank": s.rank, "alpha": s.alpha,
                  "imatrix": IMATRIX in extra and job.use_imatrix and job.scheme == "gguf"},
-        adapter_state=states, training_set=configs,
-        training={"settings": asdict(s), "data": job.data, "seq_len": job.seq_len, "train_blocks": len(blocks.train),
-                  "valid_blocks": len(blocks.valid), "configs": len(configs), "seconds": train_seconds,
+        adapter_state=states, training_set=final, evaluated=evaluated_configs,
+        training={"settings": asdict(s), "search": asdict(job.search) | {"mode": mode}, "data": job.data,
+                  "seq_len": job.seq_len, "train_blocks": len(blocks.train), "valid_blocks": len(blocks.valid),
+                  "eval_blocks": len(valid), "configs": len(final), "evaluated": len(evaluated),
+                  "seconds": train_seconds, "wall_seconds": wall_seconds, "search_seconds": search.seconds,
+                  "search_share": search.seconds / wall_seconds,
                   "history": trainer.history, "device": str(acc.device), "processes": acc.num_processes},
         extra_files=extra, force=job.force,
     )

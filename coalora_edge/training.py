@@ -18,6 +18,10 @@ permutation) and the sampled configurations. So resuming from a checkpoint conti
 the very same sequence, and a resumed run ends equal to an uninterrupted one.
 Multi-process training goes through Hugging Face Accelerate (DDP): every process
 samples the same configurations and takes its slice of the batch.
+
+A ``refiner`` (the Pareto search, :mod:`coalora_edge.search.rounds`) may replace the
+training set after any step. It runs on the main process only and the new set is
+broadcast, so every process trains on the same one; its state goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +127,20 @@ def plan_runs(method: str, configs: Sequence[Configuration]) -> list[Run]:
     return [Run(list(configs))]
 
 
+class Refiner(Protocol):
+    """Changes the training set during a run; its state must be JSON."""
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`refine` acts after ``step`` (every process must agree)."""
+
+    def refine(self, step: int, configs: Sequence[Configuration]) -> list[Configuration] | None:
+        """The new training set after ``step``, or None to keep the current one."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Trainer:
     """Trains ``wrapper`` on ``blocks.train`` over the runs of ``settings.method``.
 
@@ -131,10 +149,13 @@ class Trainer:
     """
 
     def __init__(self, wrapper: CoALoRAModel, blocks: TokenBlocks, settings: TrainSettings,
-                 accelerator, checkpoint_dir: Path | None = None):
+                 accelerator, checkpoint_dir: Path | None = None, refiner: Refiner | None = None):
         self.wrapper, self.blocks, self.settings = wrapper, blocks, settings
         self.acc = accelerator
         self.checkpoint_dir = checkpoint_dir
+        self.refiner = refiner
+        if refiner is not None and settings.method == "per-config":
+            raise CoaloraError("a refined training set needs one shared adapter; per-config trains one per configuration")
         world = accelerator.num_processes
         if settings.batch_size % world:
             raise CoaloraError(f"batch size {settings.batch_size} must be a multiple of the {world} processes")
@@ -146,6 +167,7 @@ class Trainer:
         self.initial_state = wrapper.trainable_state()
         self.states: dict[str, torch.Tensor] = {}  # finished runs' states, prefixed
         self.history: list[dict[str, float]] = []  # per logged step: step, loss, tokens/s
+        self.training_set: list[Configuration] = []  # after train(): the set as the refiner left it
 
     # -- one step ---------------------------------------------------------------------
 
@@ -193,7 +215,9 @@ class Trainer:
         if step > 0:
             adapter |= {runs[run_index].prefix + k: v for k, v in self.wrapper.trainable_state().items()}
         state = {"run": run_index, "step": step, "settings": asdict(self.settings),
-                 "configs": [dict(c) for c in _all_configs(runs)], "history": self.history}
+                 "configs": self._planned, "history": self.history}
+        if self.refiner is not None:
+            state |= {"training_set": [dict(c) for c in runs[run_index].configs], "search": self.refiner.state_dict()}
         optimizer_state = optimizer.state_dict() if step > 0 else {"state": {}, "param_groups": []}
         save_checkpoint(self.checkpoint_dir, Checkpoint(adapter, optimizer_state, state))
 
@@ -201,12 +225,17 @@ class Trainer:
               on_step: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
         """Train every run; returns the adapter state (prefixed per run for per-config)."""
         runs = plan_runs(self.settings.method, configs)
+        self._planned = [dict(c) for c in _all_configs(runs)]  # what a resumed run must match
         start_run, start_step, ckpt = 0, 0, None
         if resume:
             ckpt = load_checkpoint(self.checkpoint_dir)
             self._check_resumable(ckpt.state, runs)
             start_run, start_step = ckpt.state["run"], ckpt.state["step"]
             self.history = ckpt.state["history"]
+            if self.refiner is not None and "search" in ckpt.state:
+                self.refiner.load_state_dict(ckpt.state["search"])
+                runs[start_run].configs = ckpt.state["training_set"]
+        self.training_set = _all_configs(runs)
         if not self.wrapper.trainable_parameters():  # method "none"
             return {}
         for r in range(start_run, len(runs)):
@@ -226,13 +255,26 @@ class Trainer:
                 self.history.append({"run": r, "step": step + 1, "loss": loss})
                 if on_step:
                     on_step(step + 1, loss)
+                self._refine(run, step + 1)
                 every = self.settings.checkpoint_every
                 if every and (step + 1) % every == 0:
                     self._save(runs, r, step + 1, optimizer)
             self.states.update({run.prefix + k: v for k, v in self.wrapper.trainable_state().items()})
+            self.training_set = _all_configs(runs)
             if r + 1 < len(runs):
                 self._save(runs, r + 1, 0)
         return dict(self.states)
+
+    def _refine(self, run: Run, step: int) -> None:
+        if self.refiner is None or not self.refiner.due(step):
+            return
+        new = self.refiner.refine(step, run.configs) if self.acc.is_main_process else None
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            new = broadcast_object_list([new])[0]
+        if new is not None:
+            run.configs = new
 
     def _check_resumable(self, state: dict[str, Any], runs: list[Run]) -> None:
         saved = TrainSettings(**state["settings"])

@@ -10,9 +10,12 @@ import typer
 from coalora_edge.cli.common import err_console
 from coalora_edge.cli.demo import demo
 from coalora_edge.cli.eval import eval
+from coalora_edge.cli.export import export
 from coalora_edge.cli.inspect import inspect
+from coalora_edge.cli.pareto import pareto
 from coalora_edge.cli.profiles import profiles_app
 from coalora_edge.cli.resolve import resolve
+from coalora_edge.cli.run import run
 from coalora_edge.cli.train import train
 
 app = typer.Typer(
@@ -32,8 +35,11 @@ def _group() -> None:
 app.command()(inspect)
 app.command()(train)
 app.command()(eval)
+app.command()(pareto)
 app.add_typer(profiles_app, name="profiles")
 app.command()(resolve)
+app.command()(export)
+app.command()(run)
 app.command()(demo)
 
 

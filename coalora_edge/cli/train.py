@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from coalora_edge.cli.common import console, one_line_errors, print_json, split_list
+from coalora_edge.search.rounds import SearchSettings
 from coalora_edge.train_job import TrainJob, run
 from coalora_edge.training import TrainSettings
 
@@ -42,6 +43,13 @@ def train(
     k_configs: int = typer.Option(2, "--k", help="Configurations per step; their gradients are averaged."),
     budgets: Optional[str] = typer.Option(None, help="Train on the best configuration at these bits per weight (e.g. 2.5,3,3.5,4) instead of the whole ladder."),
     ladder_step: float = typer.Option(0.1, help="Bits-per-weight step of the budget ladder."),
+    search: str = typer.Option("auto", help="Training set: none (uniform configurations), ladder (budget ladder, never "
+                               "refined), pareto (ladder refined by GP + qLogEHVI in rounds). auto: pareto for coa/shared "
+                               "without --budgets, else ladder."),
+    search_rounds: int = typer.Option(4, help="pareto: refinement rounds, spread evenly over training (the last at its end)."),
+    search_every: int = typer.Option(0, help="pareto: a round every N steps instead of --search-rounds (0: off)."),
+    segments: int = typer.Option(40, help="pareto: bins of the bits axis in segmented Pareto selection."),
+    candidates: int = typer.Option(12, help="pareto: new configurations proposed and measured per round."),
     seed: int = typer.Option(0, help="Seed of initialisation, data order and configuration sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="Base model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
@@ -60,20 +68,29 @@ def train(
         checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
     )
     job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices), settings=settings,
+                   search=SearchSettings(mode=search, rounds=search_rounds, every=search_every, segments=segments,
+                                         candidates=candidates),
                    seq_len=seq_len, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
                    use_imatrix=imatrix, resume=resume, force=force, trust_remote_code=trust_remote_code,
                    epochs=(epochs or 1.0) if steps is None else None, show_progress=not json_out)
     bundle = run(job)
     if bundle is None:  # not the main process of a multi-process launch
         return
-    summary = {"bundle": str(bundle.path), "method": method, "scheme": scheme,
-               "configs": bundle.manifest["training"]["configs"], "steps": bundle.manifest["training"]["settings"]["steps"],
-               "seconds": round(bundle.manifest["training"]["seconds"], 2), "evaluations": bundle.read_json("pareto.json")}
+    training = bundle.manifest["training"]
+    summary = {"bundle": str(bundle.path), "method": method, "scheme": scheme, "search": training["search"]["mode"],
+               "configs": training["configs"], "evaluated": training["evaluated"], "steps": training["settings"]["steps"],
+               "seconds": round(training["seconds"], 2), "search_seconds": round(training["search_seconds"], 2),
+               "search_share": round(training["search_share"], 4), "evaluations": bundle.read_json("pareto.json")}
     if json_out:
         print_json(summary)
         return
-    console.print(f"[green]wrote[/] {bundle.path}: {summary['configs']} configurations, {summary['steps']} steps, "
-                  f"{summary['seconds']:.1f} s")
+    console.print(f"[green]wrote[/] {bundle.path}: {summary['configs']} configurations ({summary['evaluated']} "
+                  f"evaluated, search {summary['search']}), {summary['steps']} steps, {summary['seconds']:.1f} s "
+                  f"(search {summary['search_seconds']:.1f} s, {100 * summary['search_share']:.1f}% of wall time)")
     from coalora_edge.cli.eval import render_evaluations
 
-    render_evaluations(summary["evaluations"])
+    pareto = summary["evaluations"]
+    last = max(e["step"] for e in pareto["evaluations"])
+    trained = [e for e in pareto["evaluations"] if e["step"] == last and e["config"] < summary["configs"]]
+    render_evaluations({**pareto, "evaluations": trained})
+    console.print(f"the front of all {summary['evaluated']} evaluated configurations: coalora-edge pareto {bundle.path}")
