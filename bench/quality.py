@@ -78,7 +78,8 @@ def run_scheme(name: str, args, blocks) -> dict:
     shapes = {m.name: m.shape for m in probe.matrices}
     problem = Problem.build(scheme, shapes, activation_sensitivity(probe.cache, imatrix, scheme.default_choices))
     at_budget = [best_config(problem, problem.budget_bytes(b)).config for b in BUDGETS]
-    train_set = [s.config for s in ladder(problem, args.ladder_step)]
+    lo, hi = args.ladder_range
+    train_set = [s.config for s in ladder(problem, args.ladder_step) if lo <= s.bits_per_weight <= hi]
     train_set += [c for c in at_budget if c not in train_set]
     unseen = unseen_configs(at_budget, train_set, scheme.default_choices, shapes, scheme, args.unseen, 4.2, args.seed)
     valid = blocks.valid[: args.eval_blocks]
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ladder-step", type=float, default=0.1)
+    ap.add_argument("--ladder-range", type=lambda v: tuple(map(float, v.split(","))), default=(0.0, 99.0),
+                    help="keep ladder configurations within LO,HI bits per weight (default: all)")
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--unseen", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
