@@ -121,9 +121,9 @@ def llamacpp_perplexity(artifact: Artifact, blocks: torch.Tensor) -> float:
 
 
 def config_near(bundle, bits: float) -> dict[str, str]:
-    """The trained configuration with the most bits per weight at or under ``bits``."""
+    """The measured configuration with the most bits per weight at or under ``bits``."""
     fitting = [e for e in evaluations(bundle) if e["bits_per_weight"] <= bits + 1e-9]
-    return bundle.configs()[max(fitting, key=lambda e: e["bits_per_weight"])["config"]]
+    return bundle.evaluated()[max(fitting, key=lambda e: e["bits_per_weight"])["config"]]
 
 
 def exported(restored, config, out: Path, mode: str) -> tuple[Artifact, dict, float]:

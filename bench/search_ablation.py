@@ -17,8 +17,8 @@ Hypervolume: the final front's (bits per weight, loss), both normalised over all
 together (bits from the smallest configuration to the largest front point; loss from
 the unquantized model's to the worst front point), reference point (1.1, 1.1).
 
-    scripts/env.sh python bench/search_ablation.py              # about 10-15 min on 2 cores
-    scripts/env.sh python bench/search_ablation.py --steps 10   # smoke run
+    scripts/env.sh python bench/search_ablation.py                       # 3 seeds, about 12 min on 2 cores
+    scripts/env.sh python bench/search_ablation.py --steps 10 --seeds 0  # smoke run
 
 Prints a table and writes bench/results/search_ablation.json.
 """
@@ -63,9 +63,9 @@ def split_text(folder: Path, train_fraction: float = 0.85) -> tuple[Path, Path]:
     return train, test
 
 
-def train(method: str, search: str, data: Path, out: Path, args) -> Bundle:
+def train(method: str, search: str, data: Path, out: Path, seed: int, args) -> Bundle:
     settings = TrainSettings(method=method, steps=args.steps if method != "none" else 0, batch_size=args.batch_size,
-                             rank=args.rank, alpha=2 * args.rank, lr=args.lr, seed=args.seed, checkpoint_every=0)
+                             rank=args.rank, alpha=2 * args.rank, lr=args.lr, seed=seed, checkpoint_every=0)
     return run(TrainJob(model=str(MODEL), data=[str(data)], out=out, scheme="onnx", settings=settings,
                         search=SearchSettings(mode=search, rounds=args.rounds, candidates=args.candidates),
                         seq_len=args.seq_len, ladder_step=args.ladder_step, eval_blocks=args.eval_blocks,
@@ -106,23 +106,38 @@ def measure(bundle: Bundle, test_text: Path, args) -> dict:
             "rounds": doc["search"]["rounds"]}
 
 
-def hypervolumes(results: dict[str, dict]) -> None:
+def hypervolumes(runs: list[dict]) -> None:
     """Every run's front hypervolume on validation and test loss, one normalisation for all."""
-    fronts = [e for r in results.values() for e in r["front"]]
+    fronts = [e for r in runs for e in r["front"]]
     bits_lo = min(e["bits_per_weight"] for e in fronts)
     bits_hi = max(e["bits_per_weight"] for e in fronts)
     for split, key in (("valid", "loss"), ("test", "test_loss")):
-        ideal = next(iter(results.values()))["unquantized"][split]
-        losses = [e[key] for e in fronts] + [ideal]
+        losses = [e[key] for e in fronts] + [r["unquantized"][split] for r in runs]
         norm = Normalisation((bits_lo, min(losses)), (bits_hi, max(losses)))
-        for r in results.values():
+        for r in runs:
             r[f"hypervolume_{split}"] = norm.hypervolume(np.array([[e["bits_per_weight"], e[key]] for e in r["front"]]))
             r[f"normalisation_{split}"] = norm.as_dict()
 
 
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Means over seeds (and the per-seed hypervolumes)."""
+    return {
+        **{f"hypervolume_{split}": _mean([r[f"hypervolume_{split}"] for r in runs]) for split in ("valid", "test")},
+        **{f"hypervolume_{split}_per_seed": [r[f"hypervolume_{split}"] for r in runs] for split in ("valid", "test")},
+        "configs": _mean([r["configs"] for r in runs]), "evaluated": _mean([r["evaluated"] for r in runs]),
+        "search_seconds": _mean([r["search_seconds"] for r in runs]), "search_share": _mean([r["search_share"] for r in runs]),
+        "budgets": {str(b): {k: _mean([r["budgets"][str(b)][k] for r in runs if str(b) in r["budgets"]])
+                             for k in ("bits_per_weight", "test_perplexity", "valid_perplexity")} for b in BUDGETS},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -132,35 +147,44 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--eval-blocks", type=int, default=16, help="validation blocks every configuration is measured on")
     ap.add_argument("--test-blocks", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (on a shared machine more threads only spin)")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_ablation.json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {f"{method} / {search}": [] for method, search in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         train_text, test_text = split_text(Path(tmp))
-        for method, search in RUNS:
-            bundle = train(method, search, train_text, Path(tmp) / f"{method}-{search}", args)
-            results[f"{method} / {search}"] = measure(bundle, test_text, args)
-    hypervolumes(results)
+        for seed in args.seeds:
+            for method, search in RUNS:
+                name = f"{method} / {search}"
+                bundle = train(method, search, train_text, Path(tmp) / f"{method}-{search}-{seed}", seed, args)
+                runs[name].append(measure(bundle, test_text, args) | {"seed": seed})
+                Console(stderr=True).print(f"seed {seed}, {name}: {time.perf_counter() - started:.0f} s", highlight=False)
+    hypervolumes([r for rs in runs.values() for r in rs])
+    summary = {name: summarise(rs) for name, rs in runs.items()}
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads", "settings": vars(args) | {"out": str(args.out)},
-              "seconds": time.perf_counter() - started, "runs": results}
+              "seconds": time.perf_counter() - started, "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    render(results)
+    render(summary)
 
 
-def render(results: dict[str, dict]) -> None:
+def render(summary: dict[str, dict]) -> None:
     table = Table("adapter / search", "trained on", "evaluated", "search s (share)", "HV valid", "HV test",
-                  *[f"test ppl @{b}" for b in BUDGETS], title="TinyStories-656K, onnx: training set ablation")
-    for name, r in results.items():
-        picks = [r["budgets"].get(str(b)) for b in BUDGETS]
-        table.add_row(name, str(r["configs"]), str(r["evaluated"]),
+                  "HV test per seed", *[f"test ppl @{b}" for b in BUDGETS],
+                  title="TinyStories-656K, onnx: training set ablation (means over seeds)")
+    for name, r in summary.items():
+        picks = [r["budgets"][str(b)] for b in BUDGETS]
+        table.add_row(name, f"{r['configs']:.0f}", f"{r['evaluated']:.0f}",
                       f"{r['search_seconds']:.0f} ({100 * r['search_share']:.0f}%)",
                       f"{r['hypervolume_valid']:.4f}", f"{r['hypervolume_test']:.4f}",
-                      *[f"{p['test_perplexity']:.1f} ({p['bits_per_weight']:.2f})" if p else "-" for p in picks])
-    Console(width=200).print(table)
+                      " ".join(f"{v:.4f}" for v in r["hypervolume_test_per_seed"]),
+                      *[f"{p['test_perplexity']:.1f} ({p['bits_per_weight']:.2f})" if p["test_perplexity"] else "-"
+                        for p in picks])
+    Console(width=220).print(table)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from coalora_edge.adapter import CoALoRAModel
 from coalora_edge.bundle import IMATRIX, PARETO, SENSITIVITY, Bundle, model_fingerprint, write_bundle
 from coalora_edge.data import TokenBlocks, load_blocks
 from coalora_edge.errors import CoaloraError
-from coalora_edge.evaluate import lm_score
+from coalora_edge.evaluate import LMScore, lm_score
 from coalora_edge.models import load_model, resolve_model_dir
 from coalora_edge.quantize import Configuration
 from coalora_edge.schemes import get_scheme
@@ -90,11 +90,7 @@ def training_set(problem: Problem, budgets: Sequence[float] | None, step: float)
 def initial_set(mode: str, problem: Problem, space: Space, budgets: Sequence[float] | None,
                 step: float) -> list[Configuration]:
     """``none``: the uniform configurations; ``ladder`` and ``pareto``: the budget ladder."""
-    if mode != "none":
-        return training_set(problem, budgets, step)
-    if budgets is not None:
-        raise CoaloraError("--search none trains on the uniform configurations; drop --budgets or use --search ladder")
-    return uniform_configs(space)
+    return uniform_configs(space) if mode == "none" else training_set(problem, budgets, step)
 
 
 def per_config_state(states: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
@@ -113,12 +109,17 @@ def run(job: TrainJob) -> Bundle:
         raise CoaloraError(f"nothing to resume: {job.checkpoint_dir} does not exist; train without --resume")
     scheme = get_scheme(job.scheme)
     choices = list(scheme.choices(job.choices))
+    mode = job.search.resolve(job.settings.method, job.budgets is not None)
     acc = Accelerator(cpu=job.device == "cpu")
     model_dir = resolve_model_dir(job.model)
     model = load_model(str(model_dir), dtype=torch_dtype(job.dtype, acc.device), device=str(acc.device),
                        trust_remote_code=job.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code)
     blocks: TokenBlocks = load_blocks(tokenizer, job.data, job.seq_len, job.valid_fraction)
+    valid = blocks.valid[: job.eval_blocks]  # the fixed held-out blocks every configuration is measured on
+    if len(valid) == 0:
+        raise CoaloraError(f"no validation blocks to measure configurations on (--eval-blocks {job.eval_blocks}, "
+                           f"{len(blocks.valid)} held out); pass --eval-blocks >= 1 and more text")
     s = job.settings
     if job.epochs is not None:
         s = replace(s, steps=math.ceil(job.epochs * len(blocks.train) / s.batch_size))
@@ -133,12 +134,9 @@ def run(job: TrainJob) -> Bundle:
     sensitivity = activation_sensitivity(wrapper.cache, imatrix, choices)
     problem = Problem.build(scheme, shapes, sensitivity)
     space = Space.from_problem(problem)
-    mode = job.search.resolve(s.method, job.budgets is not None)
     configs = initial_set(mode, problem, space, job.budgets, job.ladder_step)
 
-    valid = blocks.valid[: job.eval_blocks]
-
-    def measure(config: Configuration):
+    def measure(config: Configuration) -> LMScore:
         wrapper.set_config(config)
         return lm_score(wrapper, valid, s.batch_size)
 

@@ -232,7 +232,7 @@ class Trainer:
             self._check_resumable(ckpt.state, runs)
             start_run, start_step = ckpt.state["run"], ckpt.state["step"]
             self.history = ckpt.state["history"]
-            if self.refiner is not None and "search" in ckpt.state:
+            if self.refiner is not None:
                 self.refiner.load_state_dict(ckpt.state["search"])
                 runs[start_run].configs = ckpt.state["training_set"]
         self.training_set = _all_configs(runs)
@@ -283,6 +283,10 @@ class Trainer:
                 f"checkpoint {self.checkpoint_dir} was made with other settings ({_diff(saved, self.settings)}); "
                 "resume with the same options, or train afresh without --resume"
             )
+        if ("search" in state) != (self.refiner is not None):
+            made = "with" if "search" in state else "without"
+            raise CoaloraError(f"checkpoint {self.checkpoint_dir} was made {made} the Pareto search; resume with the "
+                               "same --search, or train afresh without --resume")
         if state["configs"] != [dict(c) for c in _all_configs(runs)]:
             raise CoaloraError(f"checkpoint {self.checkpoint_dir} used another configuration set; train afresh without --resume")
 

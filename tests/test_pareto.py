@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from coalora_edge.bundle import load_bundle
+from coalora_edge.errors import CoaloraError
 from coalora_edge.quantize import config_nbytes
 from coalora_edge.restore import config_at_bpw, restore
 from coalora_edge.schemes import get_scheme
@@ -89,9 +90,10 @@ def test_search_records_every_configuration_it_measured(searched):
     bundle = load_bundle(searched)
     doc = bundle.read_json("pareto.json")
     evaluated, trained = bundle.evaluated(), bundle.configs()
-    records = doc["evaluations"]
-    # more measured than the two budgets' configurations, each one recoverable from the bundle
-    assert len({r["config"] for r in records}) > 2 and len(evaluated) > 2
+    records, rounds = doc["evaluations"], doc["search"]["rounds"]
+    # more configurations measured than the initial set (the two budgets' ladder), each recoverable
+    ladder = rounds[0]["measured"] - rounds[0]["proposed"]
+    assert ladder == 2 and len({r["config"] for r in records}) == len(evaluated) > ladder
     assert evaluated[: len(trained)] == trained
     shapes = {m.name: m.shape for m in bundle.matrices}
     numel = sum(s[0] * s[1] for s in shapes.values())
@@ -99,7 +101,6 @@ def test_search_records_every_configuration_it_measured(searched):
         assert r["bytes"] == config_nbytes(get_scheme("onnx"), shapes, evaluated[r["config"]])
         assert r["bits_per_weight"] == 8 * r["bytes"] / numel
     assert {r["step"] for r in records} == {1, 2}  # rounds after steps 1 and 2
-    rounds = doc["search"]["rounds"]
     assert [r["step"] for r in rounds] == [1, 2] and all(r["proposed"] >= 1 for r in rounds)
     # front flags: the non-dominated measurements with the final adapter, nothing stale
     final = [r for r in records if r["step"] == 2]
@@ -143,6 +144,8 @@ def test_a_killed_search_run_resumes_to_the_same_bundle(searched, tinystories_di
         run(job)
     monkeypatch.setattr(Trainer, "step", real_step)
     assert json.loads((job.checkpoint_dir / "state.json").read_text())["search"]["rounds"][0]["step"] == 1
+    with pytest.raises(CoaloraError, match="made with the Pareto search"):
+        run(replace(job, resume=True, search=SearchSettings(mode="ladder")))
     run(replace(job, resume=True))
     a, b = load_bundle(searched), load_bundle(job.out)
     assert a.evaluated() == b.evaluated() and a.configs() == b.configs()

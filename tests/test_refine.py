@@ -175,5 +175,7 @@ def test_schedule_and_modes():
     assert SearchSettings().resolve("per-config", budgets_given=False) == "ladder"
     with pytest.raises(CoaloraError, match="per-config trains one per configuration"):
         SearchSettings(mode="pareto").resolve("per-config", budgets_given=False)
+    with pytest.raises(CoaloraError, match="drop --budgets"):
+        SearchSettings(mode="none").resolve("coa", budgets_given=True)
     with pytest.raises(CoaloraError, match="search must be one of"):
         SearchSettings(mode="random")

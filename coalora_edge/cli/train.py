@@ -50,6 +50,7 @@ def train(
     search_every: int = typer.Option(0, help="pareto: a round every N steps instead of --search-rounds (0: off)."),
     segments: int = typer.Option(40, help="pareto: bins of the bits axis in segmented Pareto selection."),
     candidates: int = typer.Option(12, help="pareto: new configurations proposed and measured per round."),
+    eval_blocks: int = typer.Option(32, help="Held-out blocks every configuration is measured on: the search's fixed batch set and pareto.json's validation loss."),
     seed: int = typer.Option(0, help="Seed of initialisation, data order and configuration sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="Base model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
@@ -70,7 +71,7 @@ def train(
     job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices), settings=settings,
                    search=SearchSettings(mode=search, rounds=search_rounds, every=search_every, segments=segments,
                                          candidates=candidates),
-                   seq_len=seq_len, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
+                   seq_len=seq_len, eval_blocks=eval_blocks, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
                    use_imatrix=imatrix, resume=resume, force=force, trust_remote_code=trust_remote_code,
                    epochs=(epochs or 1.0) if steps is None else None, show_progress=not json_out)
     bundle = run(job)

@@ -70,6 +70,8 @@ class SearchSettings:
         if self.mode == "pareto" and method == "per-config":
             raise CoaloraError("--search pareto needs one adapter shared by all configurations; per-config trains "
                                "one per configuration: use --search ladder, or --method coa")
+        if self.mode == "none" and budgets_given:
+            raise CoaloraError("--search none trains on the uniform configurations; drop --budgets or use --search ladder")
         return self.mode
 
     def schedule(self, steps: int) -> list[int]:
