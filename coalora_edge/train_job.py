@@ -149,6 +149,8 @@ def run(job: TrainJob) -> Bundle:
     train_seconds = time.perf_counter() - started
 
     acc.wait_for_everyone()
+    # No collective follows; a process that exits with gloo's threads alive aborts ("terminate called ...").
+    acc.end_training()
     if not acc.is_main_process:
         return None  # type: ignore[return-value]
     final = search.finish(s.steps, trainer.training_set)  # rounds training never reached (method none)
