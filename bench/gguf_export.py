@@ -6,16 +6,22 @@
        trained   the PyTorch model as trained (Q_c(W) + LoRA, fp32 embeddings)
        sidecar   llama.cpp: the trained Q_c(W) + the LoRA adapter GGUF
        merged    llama.cpp: W + s B'A re-quantized into one GGUF
-2. Decode speed. A random Llama of a few MB (hidden 512, 6 layers) exported merged with
-   per-matrix mixes of K-quants (the knapsack's at 4.5 bits per weight, and fixed
-   alternations) and uniformly in each type the mixes use; tokens/s of single-token
-   decode with one thread, all models loaded in one process and measured in rotation
-   (median of the repeats). Each mix is compared with the uniform file of about its size
-   (target >= 0.95) and with the speed predicted from its types' uniform speeds (whether
-   mixing itself costs anything).
+2. Decode speed. A random Llama of a few MB (hidden 512, 6 layers; a CoA-LoRA bundle of
+   1 step over the default K-quant choices) exported merged with what the resolver
+   picks at budgets at and between the uniform types' sizes with llama.cpp's default
+   speed floor (0.95), with what the knapsack picks there by size and sensitivity alone
+   (the resolver's new configurations before the floor), and uniformly in each K-quant.
+   Single-token decode with one thread, all models loaded in one process and measured
+   in rotation: per model the median time of its tokens (a preemption hits a few
+   tokens, not the median), the fastest of the rotations. Each pick is compared with the
+   uniform configuration of its size (the uniform file at a type's size, the measured
+   times interpolated between two: the resolver's own definition, search/speed.py;
+   target >= 0.95), next to the ratio the resolver predicted from the measured kernel
+   costs (schemes/gguf.py DECODE_COST).
 3. Export wall time of every export above (write + verification in llama.cpp).
 
-    scripts/env.sh python bench/gguf_export.py             # about 4-8 minutes on 2 cores
+    scripts/env.sh python bench/gguf_export.py             # about 6-9 minutes on 2 cores
+    scripts/env.sh python bench/gguf_export.py --only speed --out bench/results/gguf_decode.json   # 2-4 minutes
     scripts/env.sh python bench/gguf_export.py --steps 20 --repeats 2   # smoke run
 
 Prints tables and writes bench/results/gguf_export.json.
@@ -36,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -46,7 +53,11 @@ from coalora_edge.evaluate import lm_score
 from coalora_edge.exporters import gguf as gguf_export
 from coalora_edge.exporters.verify_llamacpp import Artifact, open_llama, runtime_logits
 from coalora_edge.models import load_model
+from coalora_edge.profiles import load_profile, validate_profile
 from coalora_edge.quantize import config_nbytes
+from coalora_edge.resolver import Resolver, predicted_decode_ratio
+from coalora_edge.schemes import get_scheme
+from coalora_edge.search.ladder import best_config
 from coalora_edge.restore import evaluations, restore
 from coalora_edge.tiny import build_tiny_model
 from coalora_edge.train_job import TrainJob, run
@@ -62,15 +73,13 @@ QUALITY_MODELS = {
     "tiny K-quant Llama": ({"hidden": 256, "intermediate": 768, "layers": 2, "heads": 4, "kv_heads": 2}, [3.5, 4.5, 6.0]),
 }
 SPEED_SIZES = {"hidden": 512, "intermediate": 1536, "layers": 6, "heads": 8, "kv_heads": 4}
-#: decode-speed mixes: (label, formats cycled over the matrices or None for the knapsack's
-#: configuration at 4.5 bits per weight, the uniform type of about the same size)
-SPEED_MIXES = [
-    ("knapsack mix at 4.5", None, "Q4_K"),
-    ("Q3_K/Q5_K alternating", ("Q3_K", "Q5_K"), "Q4_K"),
-    ("Q4_K/Q6_K alternating", ("Q4_K", "Q6_K"), "Q5_K"),
-]
-#: every type a mix uses, uniformly: a mix's speed predicted from its types' own speeds
-SPEED_TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K")
+#: uniform files: the references at their own sizes and, interpolated, between them
+SPEED_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+#: budgets: the sizes of these uniform types, and these bits per weight between them
+SPEED_AT_TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SPEED_BETWEEN = (4.0, 5.0, 6.0)
+#: the resolver's speed floor: llama.cpp's default
+SPEED_FLOOR = 0.95
 PRETRAIN_LR = 3e-3
 PRETRAIN_BATCH = 8
 
@@ -159,49 +168,92 @@ def quality(root: Path, steps: int, pretrain_steps: int, seq_len: int, eval_bloc
     return rows, timings
 
 
-def decode_rate(llm, tokens: list[int]) -> float:
-    """Tokens per second of one-token decode steps after a BOS."""
+def token_seconds(llm, tokens: list[int]) -> float:
+    """Median seconds of the one-token decode steps after a BOS: on a shared machine a
+    preemption slows a few tokens, not the median."""
     llm.reset()
     llm.eval(tokens[:1])
-    started = time.perf_counter()
+    steps = []
     for t in tokens[1:]:
+        started = time.perf_counter()
         llm.eval([t])
-    return (len(tokens) - 1) / (time.perf_counter() - started)
+        steps.append(time.perf_counter() - started)
+    return statistics.median(steps)
 
 
-def speed(root: Path, decode_tokens: int, repeats: int) -> tuple[list[dict], list[dict]]:
-    model_dir = model_with_tokenizer(root, "speed model", SPEED_SIZES)
-    bundle = load_bundle(train(model_dir, root / "speed.bundle", [4.5], steps=1, seq_len=32,
-                               choices=["Q3_K", "Q4_K", "Q5_K", "Q6_K"]).path)
-    restored = restore(bundle)
-    tokens = restored.tokenizer(TEXT.read_text()[:4000])["input_ids"][: decode_tokens + 1]
-    knapsack = config_near(bundle, 4.5)
-    configs = {f"uniform {t}": {m.name: t for m in bundle.matrices} for t in SPEED_TYPES}
-    for label, formats, _ in SPEED_MIXES:
-        configs[label] = knapsack if formats is None else {m.name: formats[i % len(formats)] for i, m in enumerate(bundle.matrices)}
-    artifacts, timings = {}, []
-    for label, config in configs.items():
-        artifacts[label], _, seconds = exported(restored, config, root / label.replace(" ", "_").replace("/", "-"), "merged")
-        timings.append({"model": "speed model", "config": label, "mode": "merged", "seconds": seconds,
-                        "model_bytes": artifacts[label].model.stat().st_size})
-    rates: dict[str, list[float]] = {label: [] for label in artifacts}
+def fastest_rotation(artifacts: dict, tokens: list[int], repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """label -> seconds per token (the fastest of ``repeats`` rotations), and every rotation's."""
+    seconds: dict[str, list[float]] = {label: [] for label in artifacts}
     with contextlib.ExitStack() as stack:
         loaded = {label: stack.enter_context(open_llama(a, n_ctx=len(tokens), threads=1, logits_all=False))
                   for label, a in artifacts.items()}
         for _ in range(repeats):
             for label, llm in loaded.items():  # rotation: slow phases of a shared machine hit every model
-                rates[label].append(decode_rate(llm, tokens))
-    rate = {label: statistics.median(r) for label, r in rates.items()}
-    numel = {m.name: m.numel for m in bundle.matrices}
-    rows = []
-    for label, r in rates.items():
-        config = configs[label]
-        # Seconds per token if each matrix took as long as in its type's uniform file.
-        predicted = sum(numel[m] / rate[f"uniform {t}"] for m, t in config.items()) / sum(numel.values())
-        rows.append({"config": label, "model_bytes": artifacts[label].model.stat().st_size,
-                     "types": dict(Counter(config.values())), "tokens_per_s": rate[label],
-                     "predicted_tokens_per_s": 1 / predicted, "all": r})
-    return rows, timings
+                seconds[label].append(token_seconds(llm, tokens))
+    return {label: min(s) for label, s in seconds.items()}, seconds
+
+
+def sensitivity(problem, config: dict[str, str]) -> float:
+    return float(sum(problem.cost[i, problem.choices.index(config[m])] for i, m in enumerate(problem.matrices)))
+
+
+def with_budget(resolver: Resolver, floor: float, budget: int):
+    """The demo profile with its memory moved so that exactly ``budget`` bytes are left for the weights."""
+    base = load_profile("tiny-demo-llamacpp")
+    profile = validate_profile({**base.model_dump(), "min_decode_ratio": floor}, "bench")
+    memory = profile.memory_bytes + budget - resolver.breakdown(profile).headroom
+    return validate_profile({**profile.model_dump(), "memory_bytes": memory}, "bench")
+
+
+def speed(root: Path, decode_tokens: int, repeats: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(uniform files, the resolver's picks, export timings)."""
+    model_dir = model_with_tokenizer(root, "speed model", SPEED_SIZES)
+    bundle = load_bundle(train(model_dir, root / "speed.bundle", [4.5], steps=1, seq_len=32).path)
+    resolver = Resolver.from_bundle(bundle)
+    problem = resolver.space.problem
+    uniform_bytes = {t: int(problem.nbytes[:, problem.choices.index(t)].sum()) for t in SPEED_TYPES}
+    budgets = {f"{t}'s size": uniform_bytes[t] for t in SPEED_AT_TYPES}
+    budgets.update({f"{bits} bits": problem.budget_bytes(bits) for bits in SPEED_BETWEEN})
+    configs = {f"uniform {t}": {m.name: t for m in bundle.matrices} for t in SPEED_TYPES}
+    picks = []
+    for name, budget in sorted(budgets.items(), key=lambda kv: kv[1]):
+        profile = with_budget(resolver, SPEED_FLOOR, budget)
+        resolved = resolver.resolve(profile)
+        knapsack = best_config(problem, budget)
+        for how, config in (("resolver", resolved.config), ("knapsack", knapsack.config)):
+            label = next((k for k, c in configs.items() if c == config), f"{how} at {name}")
+            configs[label] = config
+            nbytes = config_nbytes(get_scheme("gguf"), {m.name: m.shape for m in bundle.matrices}, config)
+            picks.append({"budget": name, "budget_bytes": budget, "picked_by": how, "config": label, "bytes": nbytes,
+                          "bits_per_weight": problem.bits_per_weight(nbytes),
+                          "predicted_ratio": predicted_decode_ratio(bundle, config, profile),
+                          # what the floor costs in quality: total sensitivity over the knapsack's optimum
+                          "sensitivity_vs_knapsack": sensitivity(problem, config) / knapsack.objective,
+                          "source": resolved.source if how == "resolver" else "knapsack"})
+    restored = restore(bundle)
+    tokens = restored.tokenizer(TEXT.read_text()[:4000])["input_ids"][: decode_tokens + 1]
+    artifacts, timings = {}, []
+    for label, config in configs.items():
+        folder = root / label.replace(" ", "_").replace("/", "-").replace("'", "")
+        artifacts[label], _, seconds = exported(restored, config, folder, "merged")
+        timings.append({"model": "speed model", "config": label, "mode": "merged", "seconds": seconds,
+                        "model_bytes": artifacts[label].model.stat().st_size})
+    best, every = fastest_rotation(artifacts, tokens, repeats)
+    sizes = [uniform_bytes[t] for t in SPEED_TYPES]
+
+    def ratio(seconds: dict[str, float], row: dict) -> float:
+        """Over the uniform configuration of its size: measured files, interpolated between two."""
+        return float(np.interp(row["bytes"], sizes, [seconds[f"uniform {t}"] for t in SPEED_TYPES])) / seconds[row["config"]]
+
+    rotations = [{label: s[i] for label, s in every.items()} for i in range(repeats)]
+    for row in picks:
+        within = [ratio(r, row) for r in rotations]
+        row.update(types=dict(Counter(configs[row["config"]].values())), tokens_per_s=1 / best[row["config"]],
+                   measured_ratio=ratio(best, row), rotation_ratios=(min(within), max(within)),
+                   rotations=every[row["config"]])
+    uniforms = [{"config": f"uniform {t}", "bytes": uniform_bytes[t], "tokens_per_s": 1 / best[f"uniform {t}"],
+                 "rotations": every[f"uniform {t}"]} for t in SPEED_TYPES]
+    return uniforms, picks, timings
 
 
 def _types(row: dict) -> str:
@@ -214,17 +266,20 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=200, help="plain training steps of the tiny K-quant model")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-blocks", type=int, default=16)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=["quality", "speed"], help="run one part (default: both)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gguf_export.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the decode comparison is single-threaded; keep PyTorch off the other core
-    console = Console()
+    console = Console(width=150)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        quality_rows, quality_times = quality(root, args.steps, args.pretrain_steps, args.seq_len, args.eval_blocks)
-        speed_rows, speed_times = speed(root, args.decode_tokens, args.repeats)
+        quality_rows, quality_times = ([], []) if args.only == "speed" else \
+            quality(root, args.steps, args.pretrain_steps, args.seq_len, args.eval_blocks)
+        uniform_rows, speed_rows, speed_times = ([], [], []) if args.only == "quality" else \
+            speed(root, args.decode_tokens, args.repeats)
 
     table = Table("model", "budget", "bits/weight", "trained (PyTorch)", "sidecar (llama.cpp)", "merged (llama.cpp)",
                   "fold KL / adapter KL", title=f"perplexity on {args.eval_blocks} held-out blocks of {args.seq_len} tokens")
@@ -232,19 +287,22 @@ def main() -> None:
         table.add_row(r["model"], f"{r['budget']}", f"{r['bits_per_weight']:.3f}", f"{r['trained']:.3f}",
                       f"{r['sidecar']:.3f}", f"{r['merged']:.3f}",
                       f"{r['fold_kl']:.2g} / {r['adapter_effect_kl']:.2g}{' (warns)' if r['fold_warning'] else ''}")
-    console.print(table)
-    rate = {r["config"]: r for r in speed_rows}
-    table = Table("configuration", "types (matrices)", "model bytes", "decode tok/s", "vs uniform of ~same size",
-                  "vs predicted from its types", title=f"decode, 1 thread, median of {args.repeats} rotations")
-    for t in SPEED_TYPES:
-        r = rate[f"uniform {t}"]
-        table.add_row(f"uniform {t}", _types(r), f"{r['model_bytes']:,}", f"{r['tokens_per_s']:.1f}", "", "")
-    for label, _, uniform in SPEED_MIXES:
-        r = rate[label]
-        table.add_row(label, _types(r), f"{r['model_bytes']:,}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['tokens_per_s'] / rate[f'uniform {uniform}']['tokens_per_s']:.3f} ({uniform})",
-                      f"{r['tokens_per_s'] / r['predicted_tokens_per_s']:.3f}")
-    console.print(table)
+    if quality_rows:
+        console.print(table)
+    table = Table("configuration", "adapted bytes", "decode tok/s", title="uniform files")
+    for r in uniform_rows:
+        table.add_row(r["config"], f"{r['bytes']:,}", f"{r['tokens_per_s']:.1f}")
+    if uniform_rows:
+        console.print(table)
+    table = Table("budget", "picked by", "types (matrices)", "bits/weight", "sensitivity vs knapsack", "decode tok/s",
+                  "vs uniform of its size", "within each rotation", "predicted",
+                  title=f"decode, 1 thread, fastest of {args.repeats} rotations")
+    for r in speed_rows:
+        table.add_row(r["budget"], r["picked_by"], _types(r), f"{r['bits_per_weight']:.3f}", f"{r['sensitivity_vs_knapsack']:.3f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['measured_ratio']:.3f}", "{:.2f} .. {:.2f}".format(*r["rotation_ratios"]),
+                      f"{r['predicted_ratio']:.3f}")
+    if speed_rows:
+        console.print(table)
     table = Table("model", "export", "model bytes", "seconds", title="export wall time (write + verify)")
     for t in quality_times + speed_times:
         table.add_row(t["model"], f"{t.get('config', t.get('budget'))} {t['mode']}", f"{t['model_bytes']:,}", f"{t['seconds']:.2f}")
@@ -252,9 +310,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_start": load,
-                    "torch_threads": 1, "llama_threads": 1},
+                    "load_average_at_end": os.getloadavg()[0], "torch_threads": 1, "llama_threads": 1},
         "args": {k: str(v) for k, v in vars(args).items()},
-        "quality": quality_rows, "speed": speed_rows, "export_seconds": quality_times + speed_times,
+        "quality": quality_rows, "speed_uniform": uniform_rows, "speed": speed_rows,
+        "export_seconds": quality_times + speed_times,
     }, indent=2))
     console.print(f"wrote {args.out}")
 

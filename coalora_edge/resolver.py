@@ -22,6 +22,11 @@ resolver, the CLI and the exporters print the same numbers. Then:
 3. Nothing fits: a one-line :class:`BudgetError` with the missing bytes and what would
    fit (the longest context that does, or a smaller model).
 
+Speed floor: where the scheme has measured decode costs (gguf: llama.cpp's kernels), every
+candidate, known or new, must also decode at least ``profile.min_decode_ratio`` times as
+fast as the uniform-format configuration of its size, predicted (search/speed.py); the
+knapsack builds new ones under that floor. 0 turns it off.
+
 The base model's weights are never loaded: the tensors it stores besides the adapted
 matrices come from its config, instantiated on PyTorch's meta device.
 """
@@ -31,22 +36,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from coalora_edge.bundle import SENSITIVITY, Bundle, BundleError
-from coalora_edge.errors import BudgetError, ModelError, ProfileError
+from coalora_edge.errors import BudgetError, ModelError, ProfileError, SchemeError
 from coalora_edge.exporters.layout import base_bytes
 from coalora_edge.memory import MemoryBreakdown, ModelDims, estimate_memory, sidecar_bytes
 from coalora_edge.models import find_matrices, load_config
 from coalora_edge.profiles import RUNTIMES, DeviceProfile, format_size
 from coalora_edge.restore import evaluations
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.base import Scheme
 from coalora_edge.search.ladder import Problem, best_config
 from coalora_edge.search.sensitivity import Sensitivity
+from coalora_edge.search.speed import DecodeSpeed, choice_indices, fast_config
 
 #: A known configuration is "near" the budget when it leaves at most this much of the usable
 #: budget unused. A quarter bit per weight is a quarter of the matrices one format up
@@ -64,6 +71,7 @@ class Choice:
     nbytes: int
     loss: float
     loss_is: str  # "measured", "interpolated" or "extrapolated"
+    decode_ratio: float | None = None  # predicted decode speed / uniform of its size; None: no cost table
 
     @property
     def source(self) -> str:
@@ -79,6 +87,7 @@ class ConfigSpace:
     picks: np.ndarray  # (K, M) choice indices of the measured configurations
     loss: np.ndarray  # (K,) their validation loss
     on_the_fly: bool  # whether configurations beyond the measured ones have an adapter
+    decode_cost: Mapping[str, float] | None = None  # the scheme's (Scheme.decode_cost)
     nbytes: np.ndarray = field(init=False)  # (K,) exact bytes of each measured configuration
     _known: frozenset = field(init=False)  # stored formats of each measured configuration
 
@@ -104,17 +113,24 @@ class ConfigSpace:
         usable = self.usable(mask)
         return int(self.nbytes[usable].min()) if usable.any() else None
 
-    def choose(self, budget: int, allowed: Collection[str] | None = None) -> Choice | None:
-        """The best configuration within ``budget`` bytes of allowed stored formats; None if none fits."""
+    def speed(self, mask: np.ndarray) -> DecodeSpeed | None:
+        """Predicted decode speed against the uniform configurations ``mask`` allows; None without costs."""
+        return DecodeSpeed.build(self.problem, mask, self.decode_cost) if self.decode_cost else None
+
+    def choose(self, budget: int, allowed: Collection[str] | None = None, min_decode_ratio: float = 0.0) -> Choice | None:
+        """The best configuration within ``budget`` bytes of allowed stored formats that decodes
+        at least ``min_decode_ratio`` times as fast as uniform of its size; None if none does."""
         mask = self.problem.mask(allowed)  # (M, C)
-        usable = self.usable(mask)
+        speed = self.speed(mask)
+        ratio = speed.ratio(self.picks, self.nbytes) if speed else np.full(len(self.loss), np.nan)  # (K,)
+        usable = self.usable(mask) & ~(ratio < min_decode_ratio)  # no prediction (nan): no floor
         fitting = np.flatnonzero(usable & (self.nbytes <= budget))
         best = None
         if len(fitting):
             k = fitting[np.lexsort((self.nbytes[fitting], self.loss[fitting]))[0]]
-            best = Choice(self.picks[k], int(self.nbytes[k]), float(self.loss[k]), "measured")
+            best = Choice(self.picks[k], int(self.nbytes[k]), float(self.loss[k]), "measured", _or_none(ratio[k]))
         if self.on_the_fly and self._worth_building(budget, mask, best):
-            new = self._build(budget, allowed, usable)
+            new = self._build(budget, allowed, usable, speed, min_decode_ratio)
             if new is not None and (best is None or new.loss < best.loss):
                 return new
         return best
@@ -125,19 +141,29 @@ class ConfigSpace:
             return False
         return best is None or self.problem.bits_per_weight(min(budget, hi) - best.nbytes) > NEAR_BITS
 
-    def _build(self, budget: int, allowed: Collection[str] | None, usable: np.ndarray) -> Choice | None:
-        """The knapsack's configuration for ``budget``, with a predicted loss; None if it is a known one."""
-        solution = best_config(self.problem, budget, allowed)
-        index = {c: i for i, c in enumerate(self.problem.choices)}
-        picks = np.array([index[solution.config[m]] for m in self.problem.matrices])
+    def _build(self, budget: int, allowed: Collection[str] | None, usable: np.ndarray, speed: DecodeSpeed | None,
+               min_decode_ratio: float) -> Choice | None:
+        """The knapsack's configuration for ``budget`` (fast enough), with a predicted loss;
+        None if it is a known one or nothing within the budget is fast enough."""
+        if speed is None or min_decode_ratio <= 0:
+            solution = best_config(self.problem, budget, allowed)
+        else:
+            solution = fast_config(self.problem, budget, allowed, speed, min_decode_ratio)
+            if solution is None:
+                return None
+        picks = choice_indices(self.problem, solution)
         if self._stored_key(picks) in self._known:
             return None  # measured already, and so already considered
-        # Predict from what this device can run when the bundle measured any of it: a front
-        # of unrestricted formats would flatter a restricted configuration.
+        # Predict from what this device can run (allowed formats, fast enough) when the bundle
+        # measured any of it: a front of unrestricted ones would flatter a restricted configuration.
         basis = usable if usable.any() else np.ones_like(usable)
         bits = np.array([self.problem.bits_per_weight(int(n)) for n in self.nbytes[basis]])
         loss, how = predict_loss(*measured_front(bits, self.loss[basis]), solution.bits_per_weight)
-        return Choice(picks, solution.nbytes, loss, how)
+        return Choice(picks, solution.nbytes, loss, how, _or_none(speed.ratio(picks, solution.nbytes)) if speed else None)
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def measured_front(bits: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +201,9 @@ class Resolution:
     loss: float  # validation loss, measured or predicted
     weights_budget: int  # bytes the adapted matrices could take on this device
     memory: MemoryBreakdown
+    #: predicted decode speed relative to the uniform-format configuration of the same size
+    #: (search/speed.py); None where the scheme has no measured decode costs
+    decode_ratio: float | None = None
 
     @property
     def perplexity(self) -> float:
@@ -189,7 +218,8 @@ class Resolution:
             "profile": self.profile.name, "runtime": self.profile.runtime, "source": self.source,
             "loss_is": self.loss_is, "bytes": self.nbytes, "bits_per_weight": self.bits_per_weight,
             "loss": self.loss, "perplexity": self.perplexity, "weights_budget": self.weights_budget,
-            "headroom": self.headroom, "memory": self.memory.as_dict(), "config": self.config, "stored": self.stored,
+            "headroom": self.headroom, "memory": self.memory.as_dict(), "decode_ratio": self.decode_ratio,
+            "min_decode_ratio": self.profile.min_decode_ratio, "config": self.config, "stored": self.stored,
         }
 
 
@@ -214,7 +244,7 @@ class Resolver:
         adapter = bundle.manifest["adapter"]
         return cls(
             bundle=bundle,
-            space=_config_space(bundle, shapes),
+            space=_config_space(bundle),
             dims=ModelDims.from_config(config),
             non_adapted=base_bytes(skeleton, shapes.keys(), runtime) if runtime else None,
             lora=sidecar_bytes(shapes.values(), adapter["rank"]) if adapter["adapter_method"] != "none" else 0,
@@ -228,12 +258,11 @@ class Resolver:
         """The configuration ``profile`` runs; raises rather than return one that does not fit."""
         self._check_runtime(profile)
         problem = self.space.problem
-        scheme = get_scheme(self.bundle.scheme)
-        allowed = [f for f in scheme.formats if profile.allows(f)] if profile.allowed_formats else None
+        allowed = allowed_formats(get_scheme(self.bundle.scheme), profile)
         budget = self.breakdown(profile).headroom
-        choice = self.space.choose(budget, allowed)
+        choice = self.space.choose(budget, allowed, profile.min_decode_ratio)
         if choice is None:
-            raise self._nothing_fits(profile, budget, allowed)
+            raise self._too_slow(profile, budget, allowed) or self._nothing_fits(profile, budget, allowed)
         memory = self.breakdown(profile, choice.nbytes)
         if not memory.fits:
             raise AssertionError(f"resolver bug: chose {choice.nbytes} bytes for a budget of {budget}")
@@ -243,7 +272,7 @@ class Resolver:
             stored={m: str(problem.stored[i, c]) for i, (m, c) in enumerate(zip(problem.matrices, choice.picks))},
             source=choice.source, loss_is=choice.loss_is, nbytes=choice.nbytes,
             bits_per_weight=problem.bits_per_weight(choice.nbytes), loss=choice.loss,
-            weights_budget=budget, memory=memory,
+            weights_budget=budget, memory=memory, decode_ratio=choice.decode_ratio,
         )
 
     def _check_runtime(self, profile: DeviceProfile) -> None:
@@ -259,6 +288,17 @@ class Resolver:
                 f"{self.bundle.path} holds {scheme} formats (for {SCHEME_RUNTIME[scheme]}); choose a profile with runtime "
                 f"{SCHEME_RUNTIME[scheme]} or retrain with --scheme {profile.scheme}"
             )
+
+    def _too_slow(self, profile: DeviceProfile, budget: int, allowed: list[str] | None) -> Exception | None:
+        """When configurations fit but none is predicted fast enough: the error that says so."""
+        fitting = self.space.choose(budget, allowed) if profile.min_decode_ratio > 0 else None
+        if fitting is None:
+            return None
+        return BudgetError(
+            f"no configuration that fits profile {profile.name} is predicted to decode at {profile.min_decode_ratio:g}x "
+            f"the speed of a uniform-format one of its size (the best that fits: {fitting.decode_ratio:.2f}x); "
+            "lower min_decode_ratio in the profile (0 turns the check off) or allow more formats"
+        )
 
     def _nothing_fits(self, profile: DeviceProfile, budget: int, allowed: list[str] | None) -> Exception:
         smallest = self.space.smallest(allowed)
@@ -302,9 +342,35 @@ def resolve(bundle: Bundle, profile: DeviceProfile, model: str | None = None) ->
     return Resolver.from_bundle(bundle, model).resolve(profile)
 
 
-def _config_space(bundle: Bundle, shapes: dict) -> ConfigSpace:
+def allowed_formats(scheme: Scheme, profile: DeviceProfile | None) -> list[str] | None:
+    """The scheme's formats ``profile`` allows; None: all of them."""
+    return [f for f in scheme.formats if profile.allows(f)] if profile and profile.allowed_formats else None
+
+
+def predicted_decode_ratio(bundle: Bundle, config: Mapping[str, str], profile: DeviceProfile | None) -> float | None:
+    """``config``'s predicted decode speed over uniform of its size, against the uniform
+    configurations of the bundle's choices that ``profile`` allows, as the resolver
+    predicts it; None where the scheme has no decode costs or ``config`` leaves the choices."""
+    scheme, problem = get_scheme(bundle.scheme), _problem(bundle)
+    if not scheme.decode_cost or not set(config.values()) <= set(problem.choices):
+        return None
+    try:
+        mask = problem.mask(allowed_formats(scheme, profile))
+    except SchemeError:  # the profile cannot store some matrix (--config ignores it): nothing to compare with
+        return None
+    speed = DecodeSpeed.build(problem, mask, scheme.decode_cost)
+    picks = np.array([problem.choices.index(config[m]) for m in problem.matrices])
+    rows = np.arange(len(picks))
+    return _or_none(speed.ratio(picks, problem.nbytes[rows, picks].sum())) if speed else None
+
+
+def _problem(bundle: Bundle) -> Problem:
     sensitivity = Sensitivity.from_dict(bundle.read_json(SENSITIVITY))
-    problem = Problem.build(get_scheme(bundle.scheme), shapes, sensitivity)
+    return Problem.build(get_scheme(bundle.scheme), {m.name: m.shape for m in bundle.matrices}, sensitivity)
+
+
+def _config_space(bundle: Bundle) -> ConfigSpace:
+    problem = _problem(bundle)
     index = {c: i for i, c in enumerate(problem.choices)}
     measured = bundle.evaluated()
     records = evaluations(bundle)
@@ -324,6 +390,7 @@ def _config_space(bundle: Bundle, shapes: dict) -> ConfigSpace:
         # coa generates an adapter for any configuration, shared uses one for all, none has
         # none; per-config holds one per trained configuration only
         on_the_fly=bundle.manifest["adapter"]["method"] != "per-config",
+        decode_cost=get_scheme(bundle.scheme).decode_cost,
     )
 
 

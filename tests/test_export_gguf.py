@@ -258,6 +258,9 @@ def test_tinystories_exports_for_a_profile_and_generates(ts_bundle, tmp_path):
     report = json.loads(result.stdout)
     resolution = resolve(load_bundle(ts_bundle), load_profile("tiny-demo-llamacpp"))
     assert report["config"] == resolution.config and report["memory"]["fits"]
+    # the resolver's speed prediction (llama.cpp's default floor) travels with the files
+    assert report["decode"] == {"predicted_ratio": pytest.approx(resolution.decode_ratio), "min_ratio": 0.95}
+    assert resolution.decode_ratio >= 0.95
     sizes = report["sizes"]
     assert sizes["model_tensor_bytes"] == resolution.nbytes + resolution.memory.non_adapted
     # Nothing in the file but the header, the tensors and ggml's alignment padding.

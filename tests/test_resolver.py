@@ -26,10 +26,14 @@ from coalora_edge.memory import ModelDims, estimate_memory, sidecar_bytes
 from coalora_edge.models import load_model
 from coalora_edge.profiles import load_profile, validate_profile
 from coalora_edge.quantize import config_nbytes
-from coalora_edge.resolver import NEAR_BITS, SCHEME_RUNTIME, ConfigSpace, Resolver, measured_front, predict_loss
+from coalora_edge.resolver import (
+    NEAR_BITS, SCHEME_RUNTIME, ConfigSpace, Resolver, measured_front, predict_loss, predicted_decode_ratio,
+)
 from coalora_edge.restore import restore
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.gguf import DECODE_COST
 from coalora_edge.search.ladder import Problem, best_config
+from coalora_edge.search.speed import fast_config
 from coalora_edge.train_job import TrainJob, run
 from coalora_edge.training import TrainSettings
 
@@ -79,13 +83,44 @@ def with_budget(profile, resolver, budget: int):
     return validate_profile({**profile.model_dump(), "memory_bytes": memory}, "test")
 
 
-def measured(bundle):
-    """(config, bytes, loss) of every measured configuration, from the bundle's own files."""
+def measured(bundle, profile=None):
+    """(config, bytes, loss) of every measured configuration, from the bundle's own files;
+    with ``profile``, only those predicted fast enough for it (:func:`decode_ratio`)."""
     shapes = {m.name: m.shape for m in bundle.matrices}
     scheme = get_scheme(bundle.scheme)
     configs = bundle.configs()
-    return [(configs[e["config"]], config_nbytes(scheme, shapes, configs[e["config"]]), e["loss"])
-            for e in bundle.read_json("pareto.json")["evaluations"]]
+    every = [(configs[e["config"]], config_nbytes(scheme, shapes, configs[e["config"]]), e["loss"])
+             for e in bundle.read_json("pareto.json")["evaluations"]]
+    return [row for row in every if profile is None or decode_ratio(bundle, row[0], profile) >= profile.min_decode_ratio]
+
+
+def ratio_oracle(numel, nbytes, stored, allows, cost, picks):
+    """The speed floor's arithmetic written out (search/speed.py): weights x cost of the stored
+    format, against the allowed uniform configurations (the faster of equal sizes), linear
+    in bytes between them; inf where there is none to compare with (no floor)."""
+    rows = range(len(numel))
+    time = lambda p: sum(numel[i] * cost[stored[i][p[i]]] for i in rows)  # noqa: E731
+    uniform = {}
+    for j in range(len(nbytes[0])):
+        if all(allows(stored[i][j]) for i in rows):
+            n = sum(nbytes[i][j] for i in rows)
+            uniform[n] = min(time([j] * len(numel)), uniform.get(n, np.inf))
+    if not uniform:
+        return np.inf
+    sizes = sorted(uniform)
+    return np.interp(sum(nbytes[i][picks[i]] for i in rows), sizes, [uniform[n] for n in sizes]) / time(picks)
+
+
+def decode_ratio(bundle, config, profile):
+    """``ratio_oracle`` from the bundle's files, gguf's measured costs and the profile's formats."""
+    if bundle.scheme != "gguf":
+        return np.inf
+    scheme = get_scheme("gguf")
+    shapes = [m.shape for m in bundle.matrices]
+    stored = [[scheme.storage(c, shape) for c in bundle.choices] for shape in shapes]
+    return ratio_oracle([a * b for a, b in shapes], [[f.nbytes(shape) for f in row] for row, shape in zip(stored, shapes)],
+                        [[f.name for f in row] for row in stored], profile.allows, DECODE_COST,
+                        [bundle.choices.index(config[m.name]) for m in bundle.matrices])
 
 
 # -- memory figures -------------------------------------------------------------------------------
@@ -103,7 +138,7 @@ def test_shipped_demo_profiles_get_the_best_fitting_measured_configuration(reque
                                non_adapted_bytes=base_bytes(model, shapes, p.runtime))
     assert r.memory == expected and r.memory.fits and r.headroom == p.memory_bytes - r.memory.total >= 0
     assert r.nbytes == r.memory.weights and r.bits_per_weight == 8 * r.nbytes / sum(a * b for a, b in shapes.values())
-    fitting = [(c, n, loss) for c, n, loss in measured(bundle) if n <= r.weights_budget]
+    fitting = [(c, n, loss) for c, n, loss in measured(bundle, p) if n <= r.weights_budget]
     assert (r.source, r.loss) == ("measured", min(loss for _, _, loss in fitting))
     assert r.config in [c for c, _, _ in fitting] and r.perplexity == pytest.approx(math.exp(r.loss))
 
@@ -128,7 +163,8 @@ def test_a_budget_between_measured_configurations_gets_a_new_one_with_its_adapte
     at_5, at_5_5 = problem.budget_bytes(5.0), problem.budget_bytes(5.5)
     assert losses[at_5_5] < losses[at_5], "the fixture's training no longer improves from 5.0 to 5.5 bits"
     budget = problem.budget_bytes(5.3)  # 0.3 bits above the best known one that fits: not near
-    resolution = r.resolve(with_budget(load_profile("tiny-demo-llamacpp"), r, budget))
+    unchecked = validate_profile({**load_profile("tiny-demo-llamacpp").model_dump(), "min_decode_ratio": 0}, "test")
+    resolution = r.resolve(with_budget(unchecked, r, budget))
     solution = best_config(problem, budget)
     assert (resolution.source, resolution.loss_is, resolution.config) == ("new", "interpolated", solution.config)
     assert resolution.nbytes == solution.nbytes <= budget == resolution.weights_budget
@@ -139,7 +175,7 @@ def test_a_budget_between_measured_configurations_gets_a_new_one_with_its_adapte
     blocks = load_blocks(restored.tokenizer, [str(tinystories_text)], 32, 0.1)
     assert math.isfinite(lm_score(restored.wrapper, blocks.valid[:4], 4).loss)
     # per-config bundles have adapters for their measured configurations only
-    per_config = resolvers["per-config"].resolve(with_budget(load_profile("tiny-demo-llamacpp"), r, budget))
+    per_config = resolvers["per-config"].resolve(with_budget(unchecked, r, budget))
     assert (per_config.source, per_config.nbytes, per_config.loss) == ("measured", at_5, losses[at_5])
 
 
@@ -192,6 +228,68 @@ def test_an_nf_bundle_cannot_ship(resolvers, gguf_bundle):
         nf.resolve(load_profile("tiny-demo-llamacpp"))
 
 
+# -- the speed floor (llama.cpp) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kquant_bundle(tiny_model_dir, tinystories_dir, tinystories_text, tmp_path_factory):
+    """A Llama whose every matrix holds K-quants (rows of 256 and 768), with TinyStories' tokenizer."""
+    model = shutil.copytree(tiny_model_dir("llama", hidden=256, intermediate=768, vocab=2048),
+                            tmp_path_factory.mktemp("kquant") / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tinystories_dir / name, model / name)
+    return train(model, tinystories_text, tmp_path_factory.mktemp("resolve") / "kquant", "gguf", [4.5])
+
+
+def sensitivity(problem, config):
+    return sum(problem.cost[i, problem.choices.index(config[m])] for i, m in enumerate(problem.matrices))
+
+
+def test_the_floor_trades_sensitivity_for_decode_speed_at_a_uniform_size(kquant_bundle):
+    r = Resolver.from_bundle(kquant_bundle)
+    problem = r.space.problem
+    q4_k = int(problem.nbytes[:, problem.choices.index("Q4_K")].sum())  # the uniform Q4_K file's weights
+    profile = with_budget(load_profile("tiny-demo-llamacpp"), r, q4_k)
+    free = r.resolve(profile.model_copy(update={"min_decode_ratio": 0.0}))
+    assert free.decode_ratio < 0.95, "the knapsack's own choice at Q4_K's size is fast: the floor is not exercised"
+    fast = r.resolve(profile)  # llama.cpp's default floor
+    assert profile.min_decode_ratio == 0.95 and fast.decode_ratio >= 0.95 and fast.source == "new"
+    assert fast.nbytes <= q4_k and fast.memory.fits
+    assert fast.decode_ratio == pytest.approx(decode_ratio(kquant_bundle, fast.config, profile))
+    assert sensitivity(problem, fast.config) >= sensitivity(problem, free.config)  # speed costs sensitivity
+    # `export` writes the same prediction into export.json
+    assert predicted_decode_ratio(kquant_bundle, fast.config, profile) == pytest.approx(fast.decode_ratio)
+    assert predicted_decode_ratio(kquant_bundle, free.config, profile) == pytest.approx(free.decode_ratio)
+
+
+@pytest.mark.parametrize("floor", [0.9, 0.95, 1.0])
+def test_every_budget_gets_a_fast_enough_configuration(kquant_bundle, floor):
+    r = Resolver.from_bundle(kquant_bundle)
+    problem = r.space.problem
+    lo, hi = problem.byte_range(problem.mask())
+    for budget in np.linspace(lo, hi, 13).astype(int):
+        profile = with_budget(load_profile("tiny-demo-llamacpp").model_copy(update={"min_decode_ratio": floor}), r, int(budget))
+        res = r.resolve(profile)
+        assert res.nbytes <= budget and res.decode_ratio >= floor
+        assert res.decode_ratio == pytest.approx(decode_ratio(kquant_bundle, res.config, profile))
+
+
+def test_no_fast_enough_configuration_is_a_one_line_error(kquant_bundle, tmp_path):
+    per_config = load_bundle(shutil.copytree(kquant_bundle.path, tmp_path / "per-config"))
+    per_config.manifest["adapter"].update(method="per-config", adapter_method="shared")  # only measured ones ship
+    r = Resolver.from_bundle(per_config)
+    profile = with_budget(load_profile("tiny-demo-llamacpp"), r, int(r.space.nbytes.max()))
+    ratios = [decode_ratio(per_config, c, profile) for c, _, _ in measured(per_config)]
+    assert max(ratios) < 0.95, "a measured configuration is fast enough: the error is not exercised"
+    with pytest.raises(BudgetError) as e:
+        r.resolve(profile)
+    best = r.resolve(profile.model_copy(update={"min_decode_ratio": 0.0}))
+    assert str(e.value) == (
+        f"no configuration that fits profile tiny-demo-llamacpp is predicted to decode at 0.95x the speed of a "
+        f"uniform-format one of its size (the best that fits: {best.decode_ratio:.2f}x); "
+        "lower min_decode_ratio in the profile (0 turns the check off) or allow more formats")
+
+
 # -- properties: random profiles on the real bundles ----------------------------------------------
 
 
@@ -201,7 +299,8 @@ def profiles(draw, runtime: str):
     memory = draw(st.integers(9 * 2**20, 24 * 2**20))
     stored = GGUF_STORED if runtime == "llama.cpp" else ["int2_b128_asym", "int4_b128_asym", "int4_b32_asym", "int8_b32_asym"]
     allowed = draw(st.none() | st.lists(st.sampled_from(stored), min_size=1, unique=True))
-    return validate_profile({
+    floor = {"min_decode_ratio": draw(st.sampled_from([0, 0.9, 0.95, 1]))} if runtime == "llama.cpp" else {}
+    return validate_profile({**floor,
         "name": "random", "runtime": runtime, "memory_bytes": memory,
         "reserved_bytes": draw(st.integers(0, 2 * 2**20)), "context_length": draw(st.integers(16, 320)),
         "kv_cache_dtype": draw(st.sampled_from(kv)), "batch": draw(st.integers(1, 2)),
@@ -210,13 +309,13 @@ def profiles(draw, runtime: str):
 
 
 def check_choice(resolver, bundle, profile):
-    """The chosen configuration fits, uses allowed formats, and no measured one that does
-    both is better; if nothing is chosen, nothing measured fits."""
+    """The chosen configuration fits, uses allowed formats, is predicted fast enough, and no
+    measured one that does all three is better; if nothing is chosen, nothing measured does."""
     scheme = get_scheme(bundle.scheme)
     shapes = {m.name: m.shape for m in bundle.matrices}
     budget = resolver.breakdown(profile).headroom
     stored = lambda c: {scheme.storage(f, shapes[m]).name for m, f in c.items()}  # noqa: E731
-    candidates = [loss for c, n, loss in measured(bundle) if n <= budget and all(map(profile.allows, stored(c)))]
+    candidates = [loss for c, n, loss in measured(bundle, profile) if n <= budget and all(map(profile.allows, stored(c)))]
     try:
         r = resolver.resolve(profile)
     except (BudgetError, ProfileError):  # nothing fits / per-config: nothing measured is allowed
@@ -225,6 +324,9 @@ def check_choice(resolver, bundle, profile):
     assert r.memory.fits and r.memory.total <= profile.memory_bytes and r.nbytes <= budget
     assert r.memory == resolver.breakdown(profile, config_nbytes(scheme, shapes, r.config))
     assert all(map(profile.allows, r.stored.values())) and set(r.stored.values()) == stored(r.config)
+    ratio = decode_ratio(bundle, r.config, profile)
+    assert ratio >= profile.min_decode_ratio
+    assert r.decode_ratio == (None if ratio == np.inf else pytest.approx(ratio))
     if r.source == "measured":
         assert r.loss == min(candidates)
     else:
@@ -280,6 +382,53 @@ def test_the_choice_fits_and_no_fitting_measured_configuration_is_better(case):
         assert {m: problem.choices[c] for m, c in zip(problem.matrices, choice.picks)} == best_config(problem, budget, allowed).config
 
 
+@st.composite
+def priced_spaces(draw):
+    """``spaces()`` whose choices have random decode costs."""
+    space, allowed, budget = draw(spaces())
+    cost = {c: draw(st.floats(0.3, 3.0)) for c in space.problem.choices}
+    return ConfigSpace(space.problem, picks=space.picks, loss=space.loss, on_the_fly=space.on_the_fly,
+                       decode_cost=cost), allowed, budget
+
+
+@settings(max_examples=300, deadline=None)
+@given(priced_spaces(), st.sampled_from([0.8, 0.95, 1.0]))
+def test_with_a_floor_the_choice_is_fast_enough_and_no_fast_measured_one_is_better(case, floor):
+    space, allowed, budget = case
+    problem, cost = space.problem, space.decode_cost
+    stored = [list(problem.choices)] * len(problem.matrices)
+    allows = lambda f: f in (allowed or problem.choices)  # noqa: E731
+    ratio = lambda picks: ratio_oracle(problem.numel, problem.nbytes, stored, allows, cost, picks)  # noqa: E731
+    usable = np.isin(np.array(problem.choices)[space.picks], allowed or problem.choices).all(axis=1)
+    fast = np.array([ratio(p) >= floor for p in space.picks])
+    fitting = usable & fast & (space.nbytes <= budget)
+    choice = space.choose(budget, allowed, floor)
+    if choice is None:
+        assert not fitting.any()
+        return
+    assert choice.nbytes == problem.nbytes[np.arange(len(problem.matrices)), choice.picks].sum() <= budget
+    assert ratio(choice.picks) >= floor and choice.decode_ratio == pytest.approx(ratio(choice.picks))
+    best_measured = space.loss[fitting].min() if fitting.any() else np.inf
+    assert choice.loss == best_measured if choice.source == "measured" else space.on_the_fly and choice.loss < best_measured
+
+
+@settings(max_examples=200, deadline=None)
+@given(priced_spaces())
+def test_the_priced_knapsack_is_fast_enough_and_bounded_by_the_free_one(case):
+    space, allowed, budget = case
+    problem = space.problem
+    speed = space.speed(problem.mask(allowed))
+    if budget < problem.byte_range(problem.mask(allowed))[0] or speed is None:
+        return
+    solution = fast_config(problem, budget, allowed, speed, 0.95)
+    free = best_config(problem, budget, allowed)
+    if solution is None:  # the fastest configuration within the budget is still too slow
+        return
+    picks = [problem.choices.index(solution.config[m]) for m in problem.matrices]
+    assert solution.nbytes <= budget and speed.ratio(np.array(picks), solution.nbytes) >= 0.95
+    assert solution.objective >= free.objective - 1e-9 * abs(free.objective) and solution.bound == free.objective
+
+
 def test_prediction_is_linear_on_the_front_and_never_flattering_off_it():
     bits, loss = measured_front(np.array([4.0, 5.0, 6.0, 8.0, 5.0]), np.array([3.0, 2.5, 2.0, 2.2, 2.8]))
     assert bits.tolist() == [4.0, 5.0, 6.0] and loss.tolist() == [3.0, 2.5, 2.0]  # 8 bits is beaten by 6
@@ -299,12 +448,15 @@ def test_resolve_command_json_and_tables(resolvers, gguf_bundle):
     assert out["config"] == expected.config and out["stored"] == expected.stored
     assert out["memory"] == expected.memory.as_dict() and out["headroom"] == expected.headroom
     assert (out["source"], out["bits_per_weight"], out["perplexity"]) == ("measured", expected.bits_per_weight, expected.perplexity)
+    assert (out["decode_ratio"], out["min_decode_ratio"]) == (expected.decode_ratio, 0.95) and expected.decode_ratio >= 0.95
     table = CliRunner().invoke(app, ["resolve", str(gguf_bundle.path), "--profile", "tiny-demo-llamacpp"], terminal_width=200)
     assert table.exit_code == 0, table.output
     counts = {f: list(expected.stored.values()).count(f) for f in set(expected.stored.values())}
     for fmt, count in counts.items():
         assert f"│ {fmt}" in table.stdout and f"│ {count} " in table.stdout
     assert f"{expected.headroom:,}" in table.stdout and f"{expected.memory.compute:,}" in table.stdout
+    assert f"predicted decode speed: {expected.decode_ratio:.2f}x a uniform-format configuration of its size (floor 0.95;" \
+        in " ".join(table.stdout.split())  # however the console wraps it
 
 
 def test_eval_uses_the_resolved_configuration(resolvers, gguf_bundle, tinystories_text):

@@ -45,6 +45,10 @@ def render(r: Resolution) -> None:
         f"{r.profile.context_length}): {kind}, {r.bits_per_weight:.3f} bits/weight, "
         f"perplexity {r.perplexity:.3f} ({quality})", highlight=False,
     )
+    if r.decode_ratio is not None:
+        floor = f"floor {r.profile.min_decode_ratio:g}" if r.profile.min_decode_ratio else "no floor"
+        console.print(f"predicted decode speed: {r.decode_ratio:.2f}x a uniform-format configuration of its size "
+                      f"({floor}; min_decode_ratio in the profile)", highlight=False)
     formats = Table("stored format", "matrices", title="adapted matrices by format")
     for fmt, count in sorted(Counter(r.stored.values()).items()):
         formats.add_row(fmt, str(count))

@@ -40,6 +40,7 @@ from coalora_edge.fileio import atomic_dir, atomic_write_json, sha256_file
 from coalora_edge.memory import ModelDims, estimate_memory, sidecar_bytes
 from coalora_edge.profiles import DeviceProfile
 from coalora_edge.quantize import Configuration, config_nbytes
+from coalora_edge.resolver import predicted_decode_ratio
 from coalora_edge.restore import Restored
 
 REPORT_FILE = "export.json"
@@ -124,6 +125,9 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
             "stored": {t.hf_name.removesuffix(".weight"): t.type for t in tensors.adapted},
             "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in artifact.files()},
             "sizes": sizes, "memory": memory, "verification": verification,
+            # predicted from the measured kernel costs, as the resolver does (search/speed.py)
+            "decode": {"predicted_ratio": predicted_decode_ratio(restored.bundle, config, profile),
+                       "min_ratio": profile.min_decode_ratio if profile else None},
             "warnings": [w for w in [(verification["fold"] or {}).get("warning")] if w],
             "seconds": {"write": written - started, "verify": time.perf_counter() - written},
         }

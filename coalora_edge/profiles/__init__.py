@@ -12,6 +12,7 @@ which cite where their numbers come from)::
     batch: 1                      # optional: sequences decoded together
     allowed_formats: [Q4_K, Q8_0] # optional: default every format of the runtime's scheme
     adapter_mode: merged          # optional: or sidecar (the runtime applies the LoRA)
+    min_decode_ratio: 0.95        # optional: see below
     threads: 4                    # optional
     notes: free text              # optional
 
@@ -29,6 +30,11 @@ Decisions, so that users can predict what is accepted:
   shell-style patterns over them (``int4_*``, ``Q?_K``; case-sensitive). Each entry must
   match at least one format, so a typo is an error rather than an empty device. Quote
   patterns in YAML (`["int4_*"]`): an unquoted `*` or `?` can start other YAML syntax.
+* ``min_decode_ratio``: the slowest configuration the resolver may pick, as its predicted
+  decode speed over that of the uniform-format configuration of its size (search/speed.py).
+  A number from 0 to 1; 0 turns the check off. Default 0.95 for llama.cpp, whose kernels
+  differ in speed per type; 0 for ONNX Runtime, which has no measured costs (at accuracy
+  level 4 its mixed models decode as fast as uniform ones).
 * YAML is read with ``yaml.safe_load`` only: tags such as ``!!python/object`` are errors,
   never constructed. Unknown keys, repeated keys and wrong types are errors too.
 * Every problem is a :class:`ProfileError` with one line naming the file, the field, the
@@ -61,11 +67,12 @@ class Runtime:
     scheme: str  # the quantization scheme whose formats the runtime executes
     kv_cache_dtypes: tuple[str, ...]  # the first is the default
     format_examples: str  # for error messages: a name and a pattern
+    min_decode_ratio: float  # default speed floor; > 0 only where the scheme has measured decode costs
 
 
 RUNTIMES = {
-    "llama.cpp": Runtime("gguf", ("f16", "f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"), "Q4_K or Q?_K"),
-    "onnxruntime": Runtime("onnx", ("f32", "f16"), "int4_b32_asym or int4_*"),
+    "llama.cpp": Runtime("gguf", ("f16", "f32", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"), "Q4_K or Q?_K", 0.95),
+    "onnxruntime": Runtime("onnx", ("f32", "f16"), "int4_b32_asym or int4_*", 0.0),
 }
 
 SIZE_UNITS = {
@@ -116,6 +123,13 @@ def parse_size(value: Any) -> int:
     return size
 
 
+def parse_ratio(value: Any) -> float:
+    """A plain number from 0 to 1 (no text, no booleans: ``yes`` is not a ratio)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"must be a number from 0 to 1 (0 turns the check off), got {_short(value)}")
+    return float(value)
+
+
 def format_size(n: int) -> str:
     """Bytes for people: ``8 GiB``, ``1.50 GiB``, ``512 MiB``, ``900 B``."""
     for unit in ("TiB", "GiB", "MiB", "KiB"):
@@ -142,6 +156,8 @@ class DeviceProfile(BaseModel):
     batch: StrictInt = Field(1, gt=0, le=MAX_BATCH, description="sequences decoded together")
     allowed_formats: tuple[StrictStr, ...] | None = Field(None, min_length=1, description="format names or patterns")
     adapter_mode: Literal["merged", "sidecar"] = Field("merged", description="LoRA merged into weights or applied by the runtime")
+    min_decode_ratio: Annotated[float | None, BeforeValidator(lambda v: v if v is None else parse_ratio(v))] = Field(
+        None, validate_default=True, description="lowest predicted decode speed relative to uniform formats of the same size")
     threads: StrictInt | None = Field(None, gt=0, le=MAX_THREADS, description="CPU threads the runtime uses")
     notes: StrictStr | None = None
 
@@ -174,6 +190,18 @@ class DeviceProfile(BaseModel):
         if dtype not in runtime.kv_cache_dtypes:
             raise ValueError(f"{info.data['runtime']} caches keys/values as one of {', '.join(runtime.kv_cache_dtypes)}; got {_short(dtype)}")
         return dtype
+
+    @field_validator("min_decode_ratio")
+    @classmethod
+    def _runtime_decode_ratio(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        runtime = RUNTIMES.get(info.data.get("runtime"))
+        if runtime is None:
+            return ratio
+        if ratio is None:
+            return runtime.min_decode_ratio
+        if ratio > 0 and not scheme_decode_cost(runtime.scheme):
+            raise ValueError(f"{info.data['runtime']} has no measured decode costs to predict speed from; use 0 or leave it out")
+        return ratio
 
     @field_validator("allowed_formats")
     @classmethod
@@ -212,6 +240,12 @@ def scheme_format_names(scheme: str) -> list[str]:
     from coalora_edge.schemes import get_scheme
 
     return list(get_scheme(scheme).formats)
+
+
+def scheme_decode_cost(scheme: str) -> Any:
+    from coalora_edge.schemes import get_scheme
+
+    return get_scheme(scheme).decode_cost
 
 
 #: How a missing field is written, for the "add ..." hint.

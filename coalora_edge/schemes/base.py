@@ -75,6 +75,9 @@ class Scheme:
     #: store instead (llama.cpp's fallback), or None when the shape is simply refused.
     fallback: Callable[[Format, Shape], str | None] = field(default=lambda fmt, shape: None)
     description: str = ""
+    #: Measured single-token decode time per weight of each stored format in the scheme's
+    #: runtime, relative to one reference format (search/speed.py); None where unmeasured.
+    decode_cost: Mapping[str, float] | None = None
 
     def format(self, name: str) -> Format:
         try:

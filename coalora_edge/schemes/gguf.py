@@ -36,6 +36,18 @@ FALLBACK = {
 }
 LAST_RESORT = "F16"
 
+#: llama.cpp's single-token decode time per weight of each type, relative to Q4_K (facts
+#: for search/speed.py). CPU backend, 1 thread, a 512-wide random Llama that fits in the
+#: cache (compute-bound: where kernels differ most); a layer's time, t(6 layers) - t(1
+#: layer) over 5, per model the median token of the fastest of 9 rotations. Measured on
+#: a 2-vCPU AMD EPYC (x86-64, AVX2, 32 MiB L3), llama-cpp-python 0.3.36 built with
+#: GGML_NATIVE=OFF, by `scripts/env.sh python bench/decode_cost.py` (BENCHMARKS.md).
+#: Other CPUs (ARM NEON, AVX-512) run other kernels: measure there with the same command.
+DECODE_COST = {
+    "Q2_K": 1.17, "Q3_K": 1.61, "Q4_K": 1.00, "Q5_K": 1.75, "Q6_K": 1.56, "Q8_0": 1.86, "Q4_0": 1.05,
+    "Q4_1": 1.72, "Q5_0": 2.02, "Q5_1": 2.06, "IQ4_NL": 1.06, "IQ4_XS": 1.73, "F16": 2.99,
+}
+
 #: Types whose ggml quantizer ignores an importance matrix: Q8_0 always rounds to nearest
 #: (``quantize_q8_0`` discards it) and F16 is a plain conversion.
 IMATRIX_FREE = frozenset({"Q8_0", "F16"})
@@ -109,6 +121,7 @@ SCHEME = Scheme(
     formats=FORMATS,
     default_choices=DEFAULT_CHOICES,
     fallback=llama_cpp_fallback,
+    decode_cost=DECODE_COST,
     description=(
         "llama.cpp GGUF tensor types (K-quants, legacy 32-blocks, IQ4, F16), quantized "
         "byte-exactly by ggml from llama-cpp-python; rows a type cannot hold fall back as "
