@@ -2,7 +2,7 @@
 .PHONY: demo test
 
 demo:
-	scripts/env.sh coalora-edge demo
+	scripts/env.sh coalora-edge demo --force
 
 test:
 	scripts/env.sh python -m pytest -q

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -47,6 +46,7 @@ from coalora_edge.evaluate import lm_score
 from coalora_edge.exporters import ort
 from coalora_edge.exporters.onnx import MODEL_FILE, export
 from coalora_edge.exporters.onnx_graph import set_accuracy_level
+from coalora_edge.exporters.perplexity import onnx_perplexity
 from coalora_edge.models import load_model
 from coalora_edge.quantize import config_nbytes
 from coalora_edge.restore import restore
@@ -75,20 +75,13 @@ def train_bundle(model: Path, out: Path, steps: int, budgets=BUDGETS, seq_len: i
     return load_bundle(out)
 
 
-def ort_perplexity(model_dir: Path, level: int, blocks: torch.Tensor, batch: int = 8) -> float:
-    """Perplexity of ``blocks (n, T)`` in ONNX Runtime at ``level``, as lm_score counts it."""
+def ort_perplexity(model_dir: Path, level: int, blocks: torch.Tensor) -> float:
+    """Perplexity of ``blocks (n, T)`` in ONNX Runtime at accuracy ``level``."""
     import onnx
 
     model = onnx.load(str(model_dir / MODEL_FILE))
     set_accuracy_level(model, level)
-    session = ort.open_session(model.SerializeToString(), threads=1)
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch):
-        ids = blocks[start : start + batch]  # (b, T)
-        logits = torch.from_numpy(ort.logits(session, ids.numpy()))  # (b, T, V)
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+    return onnx_perplexity(model.SerializeToString(), blocks, threads=1)
 
 
 def quality(work: Path, steps: int, eval_blocks: int) -> list[dict]:

@@ -75,3 +75,29 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def build_in_place(path: Path, force: bool = False) -> Iterator[Path]:
+    """Yield ``path`` to fill with artifacts that each record where they live (a bundle's
+    path is in its exports' reports), so it cannot be built under a temporary name.
+
+    If the block fails, the partial folder is removed and a replaced one comes back; an
+    existing ``path`` is refused unless ``force``, and deleted only once the block succeeds.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; choose another output or pass --force to replace it")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    try:
+        path.mkdir(parents=True)
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if old.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -300,10 +300,11 @@ def _diff(a: TrainSettings, b: TrainSettings) -> str:
     return ", ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k] and k not in ("steps", "checkpoint_every"))
 
 
-def progress_bar(total: int, batch_tokens: int, enabled: bool = True) -> tuple[Progress, Callable[[int, float], None]]:
+def progress_bar(total: int, batch_tokens: int, enabled: bool = True,
+                 label: str = "training") -> tuple[Progress, Callable[[int, float], None]]:
     """A Rich progress bar showing loss and tokens/s, and the callback that advances it."""
     progress = Progress(
-        TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
     )

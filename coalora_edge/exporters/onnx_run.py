@@ -45,4 +45,6 @@ def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None 
     if not prompt_ids:
         raise OnnxExportError("the prompt encodes to no tokens; pass some text")
     new = ort.greedy(session, prompt_ids, max_tokens, tokenizer.eos_token_id)
-    return tokenizer.decode(new, skip_special_tokens=True)
+    # Decoded after the prompt, not alone: SentencePiece-style decoders drop a leading space.
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return tokenizer.decode(prompt_ids + new, skip_special_tokens=True)[len(prompt_text):]
