@@ -152,6 +152,15 @@ class CoALoRALinear(nn.Module):
         return self
 
 
+def check_rank(matrices: Iterable[Matrix], rank: int) -> None:
+    """A rank above a matrix's shorter side adds no capacity, only memory (the r x r
+    configuration matrices grow with its square): refuse it before anything is allocated."""
+    shortest = min(min(m.shape) for m in matrices)
+    if rank > shortest:
+        raise CoaloraError(f"LoRA rank {rank} is above the shortest side of an adapted matrix ({shortest}), "
+                           f"where it adds nothing; pass --rank {shortest} or less")
+
+
 class CoALoRAModel(nn.Module):
     """A causal LM whose adaptable matrices are quantized per configuration and adapted.
 
@@ -183,6 +192,7 @@ class CoALoRAModel(nn.Module):
         self.model, self.scheme, self.method = model, scheme, method
         self.rank, self.alpha = rank, alpha
         self.matrices: list[Matrix] = select_matrices(model, matrices)
+        check_rank(self.matrices, rank)
         model.requires_grad_(False)
         # A plain dict, not a ModuleDict: the layers are registered once, inside ``model``.
         self.layers: dict[str, CoALoRALinear] = {

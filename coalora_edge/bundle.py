@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coalora_edge import __version__
-from coalora_edge.errors import CoaloraError
+from coalora_edge.bundle_schema import (
+    check_imatrix, check_listing, check_manifest, check_pareto, check_safetensors, check_sensitivity,
+)
+from coalora_edge.errors import BundleError
 from coalora_edge.fileio import atomic_dir, sha256_file
 from coalora_edge.models import Matrix
 
@@ -41,10 +45,6 @@ SENSITIVITY = "sensitivity.json"  # cost per (matrix, format), for budgets the s
 PARETO = "pareto.json"  # every evaluated configuration: bytes, bits per weight, validation loss
 #: weight files whose bytes make up a base model's fingerprint
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-
-
-class BundleError(CoaloraError):
-    """A bundle that is missing, incomplete, tampered with, or for another base model."""
 
 
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
@@ -73,7 +73,20 @@ class Bundle:
         return self.manifest["choices"]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / ADAPTER)
+        return self._tensors(ADAPTER)
+
+    def imatrix(self) -> dict[str, torch.Tensor]:
+        """The importance matrix the gguf formats were quantized with, checked before ggml sees it."""
+        values = self._tensors(IMATRIX)
+        check_imatrix(values, self.manifest, f"{self.path}/{IMATRIX}")
+        return values
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(self._vouched(name))
+        except (SafetensorError, OSError) as e:
+            raise BundleError(f"{self.path}/{name} cannot be read ({str(e).splitlines()[0]}); retrain or restore "
+                              "the bundle") from None
 
     def configs(self) -> list[dict[str, str]]:
         """The training configuration set, as matrix name -> format name."""
@@ -82,14 +95,22 @@ class Bundle:
     def evaluated(self) -> list[dict[str, str]]:
         """Every configuration measured (the training set first): what ``pareto.json``'s
         ``config`` fields index. Bundles from before the search list only the training set."""
-        return self._configs("evaluated" if "evaluated" in self.read_json(CONFIGS) else "training_set")
+        return self._configs("training_set" if self.read_json(CONFIGS).get("evaluated") is None else "evaluated")
 
     def _configs(self, key: str) -> list[dict[str, str]]:
         names = [m["name"] for m in self.manifest["matrices"]]
         return [dict(zip(names, choices)) for choices in self.read_json(CONFIGS)[key]]
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        self._vouched(name)
+        return _read_json(self.path, name)
+
+    def _vouched(self, name: str) -> Path:
+        """Only files the manifest vouches for (by sha256) are read."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.path} has no {name}; it was written by an older coalora-edge or is "
+                              "incomplete: retrain it")
+        return self.path / name
 
     def check_base_model(self, model_dir: Path) -> None:
         """Refuse a base model whose weights differ from the one the adapter was trained on."""
@@ -157,10 +178,7 @@ def load_bundle(path: Path) -> Bundle:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path} is not a coalora-edge bundle (no {MANIFEST}); pass the folder `train --out` wrote")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}/{MANIFEST} is corrupt ({e}); retrain or restore the bundle") from None
+    manifest = _read_json(path, MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}/{MANIFEST} is not a coalora-edge bundle manifest")
     version = manifest.get("format_version")
@@ -173,12 +191,35 @@ def load_bundle(path: Path) -> Bundle:
     if not isinstance(files, dict) or ADAPTER not in files:
         raise BundleError(f"{path}/{MANIFEST} lists no files; the bundle is incomplete")
     for name, digest in files.items():
-        # Names are plain file names: a manifest cannot point outside its own folder.
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        # Names are plain file names, and no file is a link: nothing read lies outside the folder.
+        file = path / name if isinstance(name, str) else None
+        if file is None or Path(name).name != name or name in ("", ".", "..") or file.is_symlink():
             raise BundleError(f"{path}/{MANIFEST} names an invalid file {name!r}; the bundle was tampered with")
-        file = path / name
         if not file.is_file():
             raise BundleError(f"bundle {path} is missing {name}; restore it or retrain")
         if sha256_file(file) != digest:
             raise BundleError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupted or edited)")
+    check_contents(path, manifest)
     return Bundle(path, manifest)
+
+
+def check_contents(path: Path, manifest: dict[str, Any]) -> None:
+    """What the files hold, beyond their hashes: the manifest can be rewritten with them."""
+    check_manifest(manifest, f"{path}/{MANIFEST}")
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            check_safetensors(path / name)
+    if CONFIGS not in manifest["files"]:
+        raise BundleError(f"{path}/{MANIFEST} lists no {CONFIGS}; the bundle is incomplete")
+    evaluated = check_listing(_read_json(path, CONFIGS), manifest, f"{path}/{CONFIGS}")
+    if PARETO in manifest["files"]:
+        check_pareto(_read_json(path, PARETO), evaluated, manifest, f"{path}/{PARETO}")
+    if SENSITIVITY in manifest["files"]:
+        check_sensitivity(_read_json(path, SENSITIVITY), manifest, f"{path}/{SENSITIVITY}")
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, nesting too deep, a number too long
+        raise BundleError(f"{path}/{name} is corrupt ({type(e).__name__}); retrain or restore the bundle") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coalora_edge.errors import CoaloraError
@@ -65,6 +66,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / STATE).read_text())
         adapter = load_file(path / "adapter.safetensors")
         optimizer = _optimizer_state(load_file(path / "optimizer.safetensors"), state.pop("optimizer_param_groups"))
-    except (OSError, ValueError, KeyError) as e:
-        raise CoaloraError(f"checkpoint {path} is damaged ({e}); delete it and train again without --resume") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise CoaloraError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it and train again "
+                           "without --resume") from None
     return Checkpoint(adapter, optimizer, state)

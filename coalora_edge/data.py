@@ -35,6 +35,8 @@ class TokenBlocks:
 
 
 def _read_utf8(path: Path) -> str:
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder, not a file; pass each text (.txt) or JSON Lines (.jsonl) file")
     if not path.is_file():
         raise DataError(f"data file {path} not found; pass text (.txt) or JSON Lines (.jsonl) files")
     raw = path.read_bytes()

@@ -27,3 +27,7 @@ class BudgetError(CoaloraError):
 
 class ProfileError(CoaloraError):
     """A device profile that cannot be found, read or validated, or that a model cannot run under."""
+
+
+class BundleError(CoaloraError):
+    """A bundle that is missing, incomplete, tampered with, or for another base model."""

@@ -24,6 +24,10 @@ class OutputExistsError(CoaloraError):
     """The output already exists and the user did not ask to replace it."""
 
 
+class OutputLocationError(CoaloraError):
+    """The output cannot be created where the user asked (a parent is a file, no permission)."""
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,6 +54,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def existing_parent(path: Path) -> Path:
+    """The nearest folder above ``path`` that exists: where its parents would be created."""
+    parent = next(p for p in Path(path).absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputLocationError(f"cannot write {path}: {parent} is a file, not a folder; pick another output")
+    return parent
+
+
+def make_temp_dir(path: Path) -> Path:
+    """An empty hidden folder beside ``path`` (its parents created), to be renamed to it."""
+    existing_parent(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:  # no permission, a read-only or full disk
+        raise OutputLocationError(f"cannot write {path}: {e.strerror} ({e.filename}); "
+                                  "pick an output inside a folder you can write to") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes ``path`` only if the block succeeds.
@@ -60,8 +83,7 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
         if path.exists():

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from coalora_edge import resources
 from coalora_edge.errors import ModelError
 from coalora_edge.schemes.base import Shape
 
@@ -148,14 +150,30 @@ def load_model(
     config = load_config(model_dir, trust_remote_code)
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
         raise ModelError(f"{model_dir} has a config but no weights (*.safetensors); download the full model")
+    resources.check(resources.load_need(str(model_dir), resources.weight_count(model_dir), dtype.itemsize))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, config=config, dtype=dtype, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ModelError(f"could not load weights from {model_dir}: {str(e).splitlines()[0]}") from None
     _restore_tied_weights(model, model_dir)
     return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: Path, vocab_size: int, trust_remote_code: bool = False):
+    """The tokenizer beside the weights, refused if it yields ids past the model's embedding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # missing files, unknown classes and parse errors alike: no usable tokenizer
+        raise ModelError(f"{model_dir} has no usable tokenizer ({type(e).__name__}); pass a model folder with "
+                         "its tokenizer files (tokenizer.json or the files its tokenizer class needs)") from None
+    if len(tokenizer) > vocab_size:
+        raise ModelError(f"the tokenizer in {model_dir} has {len(tokenizer)} tokens but the model embeds only "
+                         f"{vocab_size}; pass the tokenizer the model was trained with")
+    return tokenizer
 
 
 def _restore_tied_weights(model: nn.Module, model_dir: Path) -> None:

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file
-
 from coalora_edge.adapter import CoALoRAModel
-from coalora_edge.bundle import IMATRIX, PARETO, Bundle
+from coalora_edge.bundle import PARETO, Bundle
 from coalora_edge.errors import SchemeError
-from coalora_edge.models import load_model, resolve_model_dir
+from coalora_edge.models import load_model, load_tokenizer, resolve_model_dir
 from coalora_edge.quantize import Configuration
 from coalora_edge.schemes import get_scheme
 
@@ -48,19 +46,17 @@ class Restored:
 
 
 def restore(bundle: Bundle, model: str | None = None, device: str = "cpu") -> Restored:
-    from transformers import AutoTokenizer
-
     model_dir = resolve_model_dir(model or bundle.manifest["base_model"]["source"])
     bundle.check_base_model(model_dir)
     base = load_model(str(model_dir), device=device)
     adapter = bundle.manifest["adapter"]
-    imatrix = load_file(bundle.path / IMATRIX) if adapter.get("imatrix") else None
+    imatrix = bundle.imatrix() if adapter["imatrix"] else None
     wrapper = CoALoRAModel(base, get_scheme(bundle.scheme), rank=adapter["rank"], alpha=adapter["alpha"],
                            method=adapter["adapter_method"], matrices=[m.name for m in bundle.matrices], imatrix=imatrix)
     state = bundle.adapter_state()
     if adapter["method"] != "per-config" and state:
         wrapper.load_trainable_state(state)
-    return Restored(bundle, wrapper, AutoTokenizer.from_pretrained(model_dir), model_dir, state)
+    return Restored(bundle, wrapper, load_tokenizer(model_dir, base.config.vocab_size), model_dir, state)
 
 
 def evaluations(bundle: Bundle) -> list[dict[str, Any]]:

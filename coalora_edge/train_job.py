@@ -21,12 +21,15 @@ from typing import Sequence
 import torch
 from safetensors.torch import save
 
-from coalora_edge.adapter import CoALoRAModel
+from coalora_edge import resources
+from coalora_edge.adapter import CoALoRAModel, check_rank
 from coalora_edge.bundle import IMATRIX, PARETO, SENSITIVITY, Bundle, model_fingerprint, write_bundle
 from coalora_edge.data import TokenBlocks, load_blocks
 from coalora_edge.errors import CoaloraError
 from coalora_edge.evaluate import LMScore, lm_score
-from coalora_edge.models import load_model, resolve_model_dir
+from coalora_edge.fileio import existing_parent
+from coalora_edge.memory import ModelDims
+from coalora_edge.models import Matrix, find_matrices, load_model, load_tokenizer, resolve_model_dir
 from coalora_edge.quantize import Configuration
 from coalora_edge.schemes import get_scheme
 from coalora_edge.search.ladder import Problem, best_config, ladder
@@ -34,6 +37,9 @@ from coalora_edge.search.refine import Space
 from coalora_edge.search.rounds import ConfigSearch, SearchSettings, uniform_configs
 from coalora_edge.search.sensitivity import Imatrix, activation_sensitivity, collect_imatrix
 from coalora_edge.training import ADAPTER_METHOD, Trainer, TrainSettings, progress_bar
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -59,6 +65,19 @@ class TrainJob:
     force: bool = False
     trust_remote_code: bool = False
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (self.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device; "
+                                                                 "use --device cpu or a CUDA build of torch"),
+            (self.eval_blocks >= 1, f"--eval-blocks must be at least 1, got {self.eval_blocks}"),
+            (self.calib_blocks >= 1, f"calibration needs at least 1 block, got {self.calib_blocks}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CoaloraError(message)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -98,13 +117,23 @@ def per_config_state(states: dict[str, torch.Tensor], index: int) -> dict[str, t
     return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
 
 
+def _need(job: TrainJob, model: torch.nn.Module, matrices: list[Matrix], formats: int) -> resources.Need:
+    dims = ModelDims.from_config(model.config)
+    return resources.training_need(
+        adapted=sum(m.numel for m in matrices), shapes=[m.shape for m in matrices], rank=job.settings.rank,
+        dtype_bytes=model.dtype.itemsize, formats=formats, batch_tokens=job.settings.batch_size * job.seq_len,
+        hidden=dims.hidden, intermediate=dims.intermediate, layers=dims.layers, vocab=dims.vocab,
+        gradient_checkpointing=job.settings.gradient_checkpointing,
+    )
+
+
 def run(job: TrainJob) -> Bundle:
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     if job.out.exists() and not job.force:
         raise CoaloraError(f"{job.out} already exists; choose another --out or pass --force to replace it")
+    existing_parent(job.out)  # an --out under a file fails now, not when the bundle is written
     if job.resume and not job.checkpoint_dir.exists():
         raise CoaloraError(f"nothing to resume: {job.checkpoint_dir} does not exist; train without --resume")
     scheme = get_scheme(job.scheme)
@@ -114,7 +143,10 @@ def run(job: TrainJob) -> Bundle:
     model_dir = resolve_model_dir(job.model)
     model = load_model(str(model_dir), dtype=torch_dtype(job.dtype, acc.device), device=str(acc.device),
                        trust_remote_code=job.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code)
+    matrices = find_matrices(model)
+    check_rank(matrices, job.settings.rank)  # here, not after calibration
+    resources.check(_need(job, model, matrices, len(choices)), job.out, str(acc.device))
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size, job.trust_remote_code)
     blocks: TokenBlocks = load_blocks(tokenizer, job.data, job.seq_len, job.valid_fraction)
     valid = blocks.valid[: job.eval_blocks]  # the fixed held-out blocks every configuration is measured on
     if len(valid) == 0:

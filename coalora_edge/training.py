@@ -229,12 +229,16 @@ class Trainer:
         start_run, start_step, ckpt = 0, 0, None
         if resume:
             ckpt = load_checkpoint(self.checkpoint_dir)
-            self._check_resumable(ckpt.state, runs)
-            start_run, start_step = ckpt.state["run"], ckpt.state["step"]
-            self.history = ckpt.state["history"]
-            if self.refiner is not None:
-                self.refiner.load_state_dict(ckpt.state["search"])
-                runs[start_run].configs = ckpt.state["training_set"]
+            try:  # a state.json of other shapes is as damaged as one that is not JSON
+                self._check_resumable(ckpt.state, runs)
+                start_run, start_step = ckpt.state["run"], ckpt.state["step"]
+                self.history = ckpt.state["history"]
+                if self.refiner is not None:
+                    self.refiner.load_state_dict(ckpt.state["search"])
+                    runs[start_run].configs = ckpt.state["training_set"]
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                raise CoaloraError(f"checkpoint {self.checkpoint_dir} is damaged ({type(e).__name__}); delete it "
+                                   "and train again without --resume") from None
         self.training_set = _all_configs(runs)
         if not self.wrapper.trainable_parameters():  # method "none"
             return {}

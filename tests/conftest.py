@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from coalora_edge.tiny import build_tiny_model
 
@@ -43,3 +44,27 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tinystories_dir, tinystories_text, tmp_path_factory) -> Path:
+    """A valid TinyStories gguf bundle, trained for two steps (about 4 s): for tests that
+    only need some bundle (bad input, fuzzing), never for results."""
+    from coalora_edge.train_job import TrainJob, run
+    from coalora_edge.training import TrainSettings
+
+    out = tmp_path_factory.mktemp("small-bundle") / "bundle"
+    run(TrainJob(model=str(tinystories_dir), data=[str(tinystories_text)], out=out, scheme="gguf", seq_len=32,
+                 budgets=[4.5, 8.5], calib_blocks=4, eval_blocks=4, show_progress=False,
+                 settings=TrainSettings(steps=2, batch_size=4, rank=4, alpha=8, lr=1e-2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models on small shared machines: a second thread only waits
+    (OpenMP's spinning threads slow them tenfold when another process holds a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from coalora_edge.cli.common import err_console
+from coalora_edge.cli.common import OneLineUsageErrors, err_console
 from coalora_edge.cli.demo import demo
 from coalora_edge.cli.eval import eval
 from coalora_edge.cli.export import export
@@ -20,6 +20,7 @@ from coalora_edge.cli.train import train
 
 app = typer.Typer(
     name="coalora-edge",
+    cls=OneLineUsageErrors,
     help="Fine-tune a quantized LLM once, run it on every device (CoA-LoRA -> llama.cpp / ONNX Runtime).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -9,8 +9,14 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from coalora_edge.errors import CoaloraError
+
+try:  # typer vendors click from 0.2x on; before, click is a package of its own
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer
+    from click.exceptions import UsageError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,6 +27,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USAGE = 2
 
 
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def one_line_errors(command: F) -> F:
     """Turn the library's typed errors into `error: ...` on stderr and a non-zero exit."""
 
@@ -29,10 +39,27 @@ def one_line_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except CoaloraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Command-line mistakes (an unknown option, a value out of range, a missing argument)
+    end like every other bad input: one line naming the problem, and where the fix is.
+    Without this, click prints the usage and a framed message over five lines."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            # A group called without a command shows its help: that is what was asked for.
+            if type(e).__name__ == "NoArgsIsHelpError":
+                raise
+            where = (e.ctx or ctx).command_path
+            print_error(f"{e.format_message().rstrip('.')}; see {where} --help")
+            raise typer.Exit(EXIT_USAGE) from None
 
 
 def print_json(obj: Any) -> None:

@@ -32,8 +32,8 @@ def eval(  # noqa: A001 - the command is called eval
     profile: Optional[str] = typer.Option(None, help="Use the configuration `coalora-edge resolve` picks for this device profile (name or YAML file)."),
     model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
     seq_len: int = typer.Option(256, help="Tokens per evaluation block."),
-    max_blocks: int = typer.Option(64, help="Evaluate at most this many blocks."),
-    batch_size: int = typer.Option(8, help="Blocks per forward pass."),
+    max_blocks: int = typer.Option(64, min=1, help="Evaluate at most this many blocks."),
+    batch_size: int = typer.Option(8, min=1, help="Blocks per forward pass."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Perplexity of a configuration with its adapter, without it, and of the unquantized model."""

@@ -20,7 +20,7 @@ def _floats(value: Optional[str]) -> Optional[list[float]]:
     try:
         return [float(v) for v in items]
     except ValueError:
-        raise typer.BadParameter(f"expected numbers like 2.5,3,4, got {value!r}") from None
+        raise typer.BadParameter(f"expected numbers like 2.5,3,4, got {value!r}", param_hint="'--budgets'") from None
 
 
 @one_line_errors

@@ -36,6 +36,7 @@ from coalora_edge.exporters.gguf_tensors import (
 )
 from coalora_edge.exporters.gguf_vocab import read_vocab
 from coalora_edge.exporters.layout import base_bytes
+from coalora_edge.exporters.report import check_resources
 from coalora_edge.fileio import atomic_dir, atomic_write_json, sha256_file
 from coalora_edge.memory import ModelDims, estimate_memory, sidecar_bytes
 from coalora_edge.profiles import DeviceProfile
@@ -103,6 +104,7 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
     """Write and verify ``OUT/model.gguf`` (+ ``adapter.gguf``) and ``export.json``; its content is returned."""
     started = time.perf_counter()
     check_request(restored, adapter_mode)
+    check_resources(restored, config, out, "gguf", RUNTIME, sidecar=adapter_mode == "sidecar")
     restored.use(config)
     model = restored.wrapper.model
     target = Target.from_config(model.config)

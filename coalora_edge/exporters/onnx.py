@@ -34,6 +34,7 @@ import torch
 from coalora_edge.errors import SchemeError
 from coalora_edge.exporters import ort
 from coalora_edge.exporters.layout import base_bytes
+from coalora_edge.exporters.report import check_resources
 from coalora_edge.exporters.onnx_graph import (
     LoraBranch, OnnxExportError, find_adapted_matmuls, fuse_transposed_weights, initializer_bytes, nbits_nodes, quantize_matmul,
     set_accuracy_level, use_ms_domain,
@@ -126,6 +127,7 @@ def export(
     ``threads`` 0 lets ONNX Runtime choose."""
     started = time.perf_counter()
     _check_options(restored, adapter_mode, accuracy_level)
+    check_resources(restored, config, out, "onnx", RUNTIME, sidecar=adapter_mode == "sidecar")
     restored.use(config)
     planned = plan(restored, config, adapter_mode)
     plain = load_model(str(restored.model_dir))  # the fp32 base, plain nn.Linear layers

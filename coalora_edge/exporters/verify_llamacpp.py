@@ -175,7 +175,10 @@ def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = Non
     bad = unencodable(reader, prompt)
     if bad:
         raise ArtifactError(f"the model's vocabulary cannot spell {''.join(bad)!r} in the prompt; leave those characters out")
-    trained = int(field(reader, f"{field(reader, 'general.architecture')}.context_length"))
+    key = f"{field(reader, 'general.architecture')}.context_length"
+    trained = field(reader, key)
+    if not isinstance(trained, int):
+        raise ArtifactError(f"{artifact.model} records no {key}, which llama.cpp needs; re-export the model")
     # Room for the prompt (at most a token per byte, plus BOS) and the continuation.
     n_ctx = min(len(prompt.encode()) + 1 + max_tokens, trained)
     with open_llama(artifact, n_ctx=n_ctx, threads=threads, logits_all=False) as llm:
