@@ -31,3 +31,8 @@ class ProfileError(CoaloraError):
 
 class BundleError(CoaloraError):
     """A bundle that is missing, incomplete, tampered with, or for another base model."""
+
+
+class ExportError(CoaloraError):
+    """An export that cannot be built, or does not compute the trained configuration in its
+    runtime; or an exported artifact that is damaged or not one coalora-edge wrote."""

@@ -21,6 +21,7 @@ from coalora_edge.cli import app
 from coalora_edge.exporters import gguf as gguf_export
 from coalora_edge.exporters.gguf_arch import Target, rope_row_order
 from coalora_edge.exporters.layout import base_tensors
+from coalora_edge.exporters.report import REPORT_FILE
 from coalora_edge.exporters.verify_llamacpp import Artifact, read_gguf, unencodable
 from coalora_edge.models import load_model
 from coalora_edge.profiles import load_profile
@@ -128,8 +129,8 @@ def test_export_verifies_in_llamacpp(exports, arch, mode):
         assert v["fold"] is None
     else:
         assert v["fold"]["kl"] > 0  # re-quantizing W + s B'A is not Q(W) + s B'A
-    assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"], gguf_export.REPORT_FILE])
-    assert json.loads((out / gguf_export.REPORT_FILE).read_text()) == json.loads(json.dumps(report))
+    assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"], REPORT_FILE])
+    assert json.loads((out / REPORT_FILE).read_text()) == json.loads(json.dumps(report))
     assert set(report["stored"].values()) == set(MIXED) and report["config"] == config
 
 

@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 
 from coalora_edge.bundle import load_bundle
 from coalora_edge.cli import app
-from coalora_edge.errors import RuntimeLibraryError
+from coalora_edge.errors import ExportError, RuntimeLibraryError
 from coalora_edge.exporters import onnx as onnx_export
 from coalora_edge.exporters.layout import base_bytes
-from coalora_edge.exporters.onnx import DATA_FILE, MODEL_FILE, REPORT_FILE, export, trained_logits, verify
-from coalora_edge.exporters.onnx_graph import MS_DOMAIN, NBITS_OP, OnnxExportError, initializer_bytes
+from coalora_edge.exporters.onnx import DATA_FILE, MODEL_FILE, export, trained_logits, verify
+from coalora_edge.exporters.onnx_graph import MS_DOMAIN, NBITS_OP, initializer_bytes
 from coalora_edge.exporters.onnx_run import generate
 from coalora_edge.exporters.ort import open_session
+from coalora_edge.exporters.report import REPORT_FILE
 from coalora_edge.fileio import OutputExistsError
 from coalora_edge.memory import sidecar_bytes
 from coalora_edge.profiles import load_profile
@@ -173,10 +174,10 @@ def test_verification_fails_when_the_runtime_computes_something_else(bundles, tm
     figures, _ = verify(tmp_path / "out", planned, ids, trained, 0, threads=1)
     assert figures["exact"]["relative"] <= onnx_export.EXACT_TOLERANCE
     assert float((trained - quantized_only).abs().max() / trained.abs().max()) > 100 * onnx_export.EXACT_TOLERANCE
-    with pytest.raises(OnnxExportError, match="differs from the PyTorch model"):
+    with pytest.raises(ExportError, match="differs from the PyTorch model"):
         verify(tmp_path / "out", planned, ids, quantized_only, 0, threads=1)
     other = onnx_export.plan(restored, {n: "int4_b32_asym" for n in config}, "sidecar")
-    with pytest.raises(OnnxExportError, match="differs from the scheme's packing"):
+    with pytest.raises(ExportError, match="differs from the scheme's packing"):
         verify(tmp_path / "out", other, ids, trained, 0, threads=1)
 
 
@@ -184,7 +185,7 @@ def test_a_failed_export_leaves_nothing_and_an_existing_one_is_kept(bundles, tmp
     restored = restore(load_bundle(bundles["llama"]))
     config = _mixed_config(restored)
     monkeypatch.setattr(onnx_export, "EXACT_TOLERANCE", 0.0)  # no float rounding allowed: must fail
-    with pytest.raises(OnnxExportError):
+    with pytest.raises(ExportError):
         export(restored, config, tmp_path / "out", threads=1)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()

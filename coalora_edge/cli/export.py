@@ -13,6 +13,7 @@ from rich.table import Table
 from coalora_edge.bundle import Bundle, load_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json
 from coalora_edge.errors import CoaloraError
+from coalora_edge.exporters.report import ADAPTER_MODES
 from coalora_edge.profiles import DeviceProfile, format_size, load_profile
 from coalora_edge.quantize import Configuration
 from coalora_edge.resolver import resolve
@@ -24,7 +25,6 @@ EXPORTERS = {
     "gguf": "coalora_edge.exporters.gguf",
     "onnx": "coalora_edge.exporters.onnx",
 }
-ADAPTER_MODES = ("merged", "sidecar")
 
 
 @one_line_errors

@@ -28,24 +28,23 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from coalora_edge.errors import CoaloraError, SchemeError
+from coalora_edge.errors import CoaloraError, ExportError, SchemeError
 from coalora_edge.exporters import verify_llamacpp as llamacpp
 from coalora_edge.exporters.gguf_arch import Target
 from coalora_edge.exporters.gguf_tensors import (
     RUNTIME, Stored, adapted_tensors, hf_parameters, lora_tensors, other_tensors, write_adapter, write_model,
 )
 from coalora_edge.exporters.gguf_vocab import read_vocab
-from coalora_edge.exporters.layout import base_bytes
-from coalora_edge.exporters.report import check_resources
-from coalora_edge.fileio import atomic_dir, atomic_write_json, sha256_file
-from coalora_edge.memory import ModelDims, estimate_memory, sidecar_bytes
+from coalora_edge.exporters.report import (
+    ADAPTER_MODES, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures,
+    header, keep, memory_check, memory_figures,
+)
+from coalora_edge.fileio import atomic_dir
 from coalora_edge.profiles import DeviceProfile
-from coalora_edge.quantize import Configuration, config_nbytes
+from coalora_edge.quantize import Configuration
 from coalora_edge.resolver import predicted_decode_ratio
 from coalora_edge.restore import Restored
 
-REPORT_FILE = "export.json"
-ADAPTER_MODES = ("merged", "sidecar")
 #: fixed prompts of ordinary text, so that the folding loss is measured where it matters
 VERIFY_PROMPTS = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",
@@ -61,13 +60,6 @@ VERIFY_MAX_TOKENS = 64
 #: and on TinyStories-656K without the q/k row permutation: KL 0.67, top-1 0.65.
 MAX_KL = 0.02
 MIN_TOP1 = 0.85
-#: Warn that folding undoes the adapter when it moves the trained distribution by more than
-#: this fraction of what the adapter itself moves it (both KL from the trained model).
-FOLD_WARN_FRACTION = 0.5
-
-
-class ExportVerificationError(CoaloraError):
-    """The written artifact does not compute the trained configuration in the runtime."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +111,12 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
         written = time.perf_counter()
         sizes = check_sizes(restored, config, artifact)
         verification = verify(restored, tensors, artifact, adapter_mode, prompts)
-        memory = memory_check(restored, profile, adapter_mode, sizes)
+        memory = memory_figures(restored, profile, adapter_mode, weights=sizes["expected"]["adapted"],
+                                non_adapted=sizes["model_tensor_bytes"] - sizes["expected"]["adapted"],
+                                lora=sizes["adapter_tensor_bytes"])
         report = {
-            "format": "gguf", "runtime": RUNTIME, "bundle": str(restored.bundle.path),
-            "profile": profile.name if profile else None, "adapter_mode": adapter_mode,
-            "config": dict(config),
+            **header("gguf", RUNTIME, restored, config, adapter_mode, profile, artifact.files()),
             "stored": {t.hf_name.removesuffix(".weight"): t.type for t in tensors.adapted},
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in artifact.files()},
             "sizes": sizes, "memory": memory, "verification": verification,
             # predicted from the measured kernel costs, as the resolver does (search/speed.py)
             "decode": {"predicted_ratio": predicted_decode_ratio(restored.bundle, config, profile),
@@ -133,22 +124,12 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
             "warnings": [w for w in [(verification["fold"] or {}).get("warning")] if w],
             "seconds": {"write": written - started, "verify": time.perf_counter() - written},
         }
-        failures = _failures(verification, sizes, memory)
-        if failures:
-            raise ExportVerificationError(f"export to {out} failed verification, nothing was written: {'; '.join(failures)}")
-        atomic_write_json(tmp / REPORT_FILE, report)
-    return report
+        return keep(tmp, out, report, _checks(verification, sizes, memory))
 
 
 def check_sizes(restored: Restored, config: Configuration, artifact: llamacpp.Artifact) -> dict[str, Any]:
     """The files' tensor bytes against the resolver's arithmetic (same functions)."""
-    wrapper = restored.wrapper
-    shapes = {m.name: m.shape for m in wrapper.matrices}
-    expected = {
-        "adapted": config_nbytes(wrapper.scheme, shapes, config),
-        "non_adapted": base_bytes(wrapper.model, shapes, RUNTIME),
-        "sidecar": sidecar_bytes(shapes.values(), wrapper.rank) if artifact.adapter else 0,
-    }
+    expected = expected_sizes(restored, config, RUNTIME, sidecar=artifact.adapter is not None)
     model_tensors = sum(t.n_bytes for t in llamacpp.read_gguf(artifact.model).tensors)
     adapter_tensors = sum(t.n_bytes for t in llamacpp.read_gguf(artifact.adapter).tensors) if artifact.adapter else 0
     model_file = artifact.model.stat().st_size
@@ -197,7 +178,7 @@ def verify(restored: Restored, tensors: Tensors, artifact: llamacpp.Artifact, ad
     reader = llamacpp.read_gguf(artifact.model)
     unspellable = sorted({c for p in prompts for c in llamacpp.unencodable(reader, p)})
     if unspellable:
-        raise CoaloraError(f"the model's vocabulary cannot spell {''.join(unspellable)!r}; verify with other prompts")
+        raise ExportError(f"the model's vocabulary cannot spell {''.join(unspellable)!r}; verify with other prompts")
 
     def logits() -> torch.Tensor:
         with torch.no_grad():
@@ -215,50 +196,27 @@ def verify(restored: Restored, tensors: Tensors, artifact: llamacpp.Artifact, ad
         tokenizer_agrees = all(llm.tokenize(p.encode(), add_bos=True, special=False) == tokenizer(p)["input_ids"]
                                for p in prompts)
         loaded = llamacpp.model_bytes(llm)
-    fold = llamacpp.agreement(trained, folded)
-    adapter_effect = llamacpp.agreement(trained, quantized)
-    undoes = adapter_mode == "merged" and fold.kl > FOLD_WARN_FRACTION * adapter_effect.kl
+    adapter_effect = agreement(trained, quantized)
     return {
         "prompts": len(prompts),
-        "runtime_vs_artifact": llamacpp.agreement(simulated, runtime).as_dict(),
-        "runtime_vs_trained": llamacpp.agreement(trained, runtime).as_dict(),
-        "artifact_vs_trained": llamacpp.agreement(trained, simulated).as_dict(),
+        "runtime_vs_artifact": agreement(simulated, runtime).as_dict(),
+        "runtime_vs_trained": agreement(trained, runtime).as_dict(),
+        "artifact_vs_trained": agreement(trained, simulated).as_dict(),
         "adapter_effect_kl": adapter_effect.kl,  # trained vs the same configuration without adapter
-        "fold": None if adapter_mode != "merged" else {
-            **fold.as_dict(),
-            "warning": (f"folding the adapter into the weights moves the model by {fold.kl:.3g} nats (KL), "
-                        f"{fold.kl / max(adapter_effect.kl, 1e-30):.0%} of what the adapter itself changes; "
-                        "export with --adapter-mode sidecar to run exactly what was trained") if undoes else None},
+        "fold": fold_figures(agreement(trained, folded), adapter_effect) if adapter_mode == "merged" else None,
         "tokenizer_agrees": tokenizer_agrees,
         "loaded_model_bytes": loaded,
         "thresholds": {"max_kl": MAX_KL, "min_top1": MIN_TOP1},
     }
 
 
-def memory_check(restored: Restored, profile: DeviceProfile | None, adapter_mode: str,
-                 sizes: dict[str, Any]) -> dict[str, Any] | None:
-    """The profile's memory model with the files' actual tensor bytes; None without a profile."""
-    if profile is None:
-        return None
-    expected = sizes["expected"]
-    breakdown = estimate_memory(
-        profile.model_copy(update={"adapter_mode": adapter_mode}), ModelDims.from_config(restored.wrapper.model.config),
-        weights_bytes=expected["adapted"], non_adapted_bytes=sizes["model_tensor_bytes"] - expected["adapted"],
-        lora_bytes=sizes["adapter_tensor_bytes"],
-    )
-    return breakdown.as_dict()
-
-
-def _failures(verification: dict[str, Any], sizes: dict[str, Any], memory: dict[str, Any] | None) -> list[str]:
-    runtime = verification["runtime_vs_artifact"]
-    checks = [
-        (runtime["kl"] <= MAX_KL, f"llama.cpp's next-token KL {runtime['kl']:.3g} > {MAX_KL:g}"),
-        (runtime["top1"] >= MIN_TOP1, f"llama.cpp's top-1 agreement {runtime['top1']:.3f} < {MIN_TOP1}"),
+def _checks(verification: dict[str, Any], sizes: dict[str, Any], memory: dict[str, Any] | None) -> list[Check]:
+    return [
+        *agreement_checks("llama.cpp", verification["runtime_vs_artifact"], MAX_KL, MIN_TOP1),
         (verification["tokenizer_agrees"], "llama.cpp tokenizes the verification prompts differently from transformers"),
         (sizes["matches"], f"tensor bytes {sizes['model_tensor_bytes']} + {sizes['adapter_tensor_bytes']} differ from "
                            f"the expected {sizes['expected']}"),
         (verification["loaded_model_bytes"] == sizes["model_tensor_bytes"],
          f"llama.cpp loaded {verification['loaded_model_bytes']} bytes of weights, the file holds {sizes['model_tensor_bytes']}"),
-        (memory is None or memory["fits"], f"the model needs {memory and memory['total']} bytes, more than the profile's memory"),
+        memory_check(memory),
     ]
-    return [message for ok, message in checks if not ok]

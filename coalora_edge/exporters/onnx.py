@@ -31,28 +31,26 @@ from typing import Any, Mapping
 import onnx
 import torch
 
-from coalora_edge.errors import SchemeError
+from coalora_edge.errors import ExportError, SchemeError
 from coalora_edge.exporters import ort
-from coalora_edge.exporters.layout import base_bytes
-from coalora_edge.exporters.report import check_resources
+from coalora_edge.exporters.report import (
+    ADAPTER_MODES, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures, header, keep,
+    memory_check, memory_figures,
+)
 from coalora_edge.exporters.onnx_graph import (
-    LoraBranch, OnnxExportError, find_adapted_matmuls, fuse_transposed_weights, initializer_bytes, nbits_nodes, quantize_matmul,
+    LoraBranch, find_adapted_matmuls, fuse_transposed_weights, initializer_bytes, nbits_nodes, quantize_matmul,
     set_accuracy_level, use_ms_domain,
 )
-from coalora_edge.exporters.verify_llamacpp import agreement
-from coalora_edge.fileio import atomic_dir, atomic_write_json, sha256_file
-from coalora_edge.memory import ModelDims, estimate_memory, sidecar_bytes
+from coalora_edge.fileio import atomic_dir
 from coalora_edge.models import load_model
 from coalora_edge.profiles import DeviceProfile
-from coalora_edge.quantize import Configuration, config_nbytes
+from coalora_edge.quantize import Configuration
 from coalora_edge.restore import Restored
 from coalora_edge.schemes.onnx import BlockQuant, MatMulNBitsInitializers, OnnxFormat, dequantize, pack, quantize
 
 RUNTIME = "onnxruntime"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
-REPORT_FILE = "export.json"
-ADAPTER_MODES = ("merged", "sidecar")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
 #: protobuf cannot serialise a message of 2 GiB or more: larger models keep weights beside it
@@ -67,9 +65,6 @@ EXACT_TOLERANCE = 1e-5
 #: top-1 0.94 .. 1.0; tiny random Llama/Qwen2 KL 3e-7 .. 7e-7, top-1 0.94 .. 1.0 (near-ties).
 MAX_KL = 0.02
 MIN_TOP1 = 0.85
-#: Warn that folding undoes the adapter when it moves the trained distribution by more than
-#: this fraction of what the adapter itself moves it (both KL from the trained model).
-FOLD_WARN_FRACTION = 0.5
 #: Ordinary text, so that the folding loss is measured where it matters.
 VERIFY_PROMPTS = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",
@@ -149,24 +144,21 @@ def export(
         reference = trained if adapter_mode == "sidecar" else _folded_logits(plain, planned, ids)
         verification, shipped = verify(tmp, planned, ids, reference, accuracy_level, threads)
         verification["runtime_vs_trained"] = agreement(trained, shipped).as_dict()
-        verification["fold"] = _fold(trained, quantized, reference) if adapter_mode == "merged" else None
+        verification["fold"] = (fold_figures(agreement(trained, reference), agreement(trained, quantized))
+                                if adapter_mode == "merged" else None)
         sizes = check_sizes(restored, config, adapter_mode, weights_bytes, tmp)
-        memory = _memory(restored, profile, sizes)
+        expected = sizes["expected"]
+        memory = memory_figures(restored, profile, adapter_mode, weights=expected["adapted"], lora=expected["sidecar"],
+                                non_adapted=sizes["initializer_bytes"] - expected["adapted"] - expected["sidecar"])
         report = {
-            "format": "onnx", "runtime": RUNTIME, "bundle": str(restored.bundle.path),
-            "profile": profile.name if profile else None, "adapter_mode": adapter_mode,
-            "accuracy_level": accuracy_level, "config": dict(config),
+            **header("onnx", RUNTIME, restored, config, adapter_mode, profile, sorted(tmp.iterdir())),
+            "accuracy_level": accuracy_level,
             "stored": {name: p.fmt.name for name, p in planned.items()},
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())},
             "sizes": sizes, "memory": memory, "verification": verification,
             "warnings": _warnings(planned, verification, sizes, accuracy_level),
             "seconds": {"write": written - started, "verify": time.perf_counter() - written},
         }
-        failures = _failures(verification, sizes, memory)
-        if failures:
-            raise OnnxExportError(f"export to {out} failed verification, nothing was written: {'; '.join(failures)}")
-        atomic_write_json(tmp / REPORT_FILE, report)
-    return report
+        return keep(tmp, out, report, _checks(verification, sizes, memory))
 
 
 def _check_options(restored: Restored, adapter_mode: str, accuracy_level: int) -> None:
@@ -186,7 +178,7 @@ def _export_fp32(plain: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
 
     onnx_export_from_model(plain, folder, task="text-generation-with-past", do_validation=False, preprocessors=[tokenizer])
     if not (folder / MODEL_FILE).exists():
-        raise OnnxExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
+        raise ExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
 
 
 def save_model(model: onnx.ModelProto, folder: Path, external_data_bytes: int) -> None:
@@ -223,7 +215,7 @@ def _folded_logits(plain: torch.nn.Module, planned: Mapping[str, Planned], ids: 
 def verify(folder: Path, planned: Mapping[str, Planned], ids: list[torch.Tensor], reference: torch.Tensor,
            accuracy_level: int, threads: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
     """The written model in ONNX Runtime against ``reference`` ``(positions, V)``, what it
-    should compute; raises OnnxExportError unless it does at accuracy level 0. Returns the
+    should compute; raises ExportError unless it does at accuracy level 0. Returns the
     figures and the shipped level's logits."""
     model = onnx.load(str(folder / MODEL_FILE))
     _check_initializers(model, planned)
@@ -235,7 +227,7 @@ def verify(folder: Path, planned: Mapping[str, Planned], ids: list[torch.Tensor]
     max_abs_diff = float((reference - exact).abs().max())
     relative = max_abs_diff / float(reference.abs().max())
     if not relative <= EXACT_TOLERANCE:  # also catches NaN
-        raise OnnxExportError(
+        raise ExportError(
             f"ONNX Runtime at accuracy level 0 differs from the PyTorch model by {max_abs_diff:.3g} (relative "
             f"{relative:.3g} > {EXACT_TOLERANCE:g}): the graph does not compute what was trained; report this bug"
         )
@@ -260,39 +252,20 @@ def _check_initializers(model: onnx.ModelProto, planned: Mapping[str, Planned]) 
     """The file's MatMulNBits initializers are the scheme's packing, byte for byte."""
     found = nbits_nodes(model)
     if found.keys() != planned.keys():
-        raise OnnxExportError(f"the written model has MatMulNBits for {len(found)} matrices, expected {len(planned)}")
+        raise ExportError(f"the written model has MatMulNBits for {len(found)} matrices, expected {len(planned)}")
     for name, p in planned.items():
         packed = p.packed
         expected = {"b": packed.b, "scales": packed.scales, "zero_points": packed.zero_points}
         for role, array in found[name].items():
             want = expected[role]
             if want is None or array.dtype != want.dtype or array.shape != want.shape or array.tobytes() != want.tobytes():
-                raise OnnxExportError(f"{name}: the written MatMulNBits {role} differs from the scheme's packing")
-
-
-def _fold(trained: torch.Tensor, quantized: torch.Tensor, folded: torch.Tensor) -> dict[str, Any]:
-    """What folding loses (folded vs trained), beside what the adapter changes at all."""
-    fold = agreement(trained, folded)
-    adapter_effect = agreement(trained, quantized)
-    undoes = fold.kl > FOLD_WARN_FRACTION * adapter_effect.kl
-    return {
-        **fold.as_dict(), "adapter_effect_kl": adapter_effect.kl,
-        "warning": (f"folding the adapter into the weights moves the model by {fold.kl:.3g} nats (KL), "
-                    f"{fold.kl / max(adapter_effect.kl, 1e-30):.0%} of what the adapter itself changes; "
-                    "export with --adapter-mode sidecar to run exactly what was trained") if undoes else None,
-    }
+                raise ExportError(f"{name}: the written MatMulNBits {role} differs from the scheme's packing")
 
 
 def check_sizes(restored: Restored, config: Configuration, adapter_mode: str, weights: int,
                 folder: Path) -> dict[str, Any]:
     """The file's ``weights`` (initializer bytes) against the resolver's arithmetic (same functions)."""
-    wrapper = restored.wrapper
-    shapes = {m.name: m.shape for m in wrapper.matrices}
-    expected = {
-        "adapted": config_nbytes(wrapper.scheme, shapes, config),
-        "non_adapted": base_bytes(wrapper.model, shapes, RUNTIME),
-        "sidecar": sidecar_bytes(shapes.values(), wrapper.rank) if adapter_mode == "sidecar" else 0,
-    }
+    expected = expected_sizes(restored, config, RUNTIME, sidecar=adapter_mode == "sidecar")
     files = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))
     return {
         "expected": expected,
@@ -301,19 +274,6 @@ def check_sizes(restored: Restored, config: Configuration, adapter_mode: str, we
         "graph_bytes": files - weights,  # nodes, names, shapes, protobuf framing
         "matches": weights == sum(expected.values()),
     }
-
-
-def _memory(restored: Restored, profile: DeviceProfile | None, sizes: dict[str, Any]) -> dict[str, Any] | None:
-    """The profile's memory model with the file's actual weight bytes; None without a profile."""
-    if profile is None:
-        return None
-    expected = sizes["expected"]
-    breakdown = estimate_memory(
-        profile, ModelDims.from_config(restored.wrapper.model.config), weights_bytes=expected["adapted"],
-        non_adapted_bytes=sizes["initializer_bytes"] - expected["adapted"] - expected["sidecar"],
-        lora_bytes=expected["sidecar"],
-    )
-    return breakdown.as_dict()
 
 
 def _warnings(planned: Mapping[str, Planned], verification: dict[str, Any], sizes: dict[str, Any],
@@ -330,14 +290,11 @@ def _warnings(planned: Mapping[str, Planned], verification: dict[str, Any], size
     return [w for w in warnings if w]
 
 
-def _failures(verification: dict[str, Any], sizes: dict[str, Any], memory: dict[str, Any] | None) -> list[str]:
-    shipped = verification["runtime_vs_artifact"]
+def _checks(verification: dict[str, Any], sizes: dict[str, Any], memory: dict[str, Any] | None) -> list[Check]:
     expected = sum(sizes["expected"].values())
-    checks = [
-        (shipped["kl"] <= MAX_KL, f"ONNX Runtime's next-token KL {shipped['kl']:.3g} > {MAX_KL:g} at the shipped level"),
-        (shipped["top1"] >= MIN_TOP1, f"ONNX Runtime's top-1 agreement {shipped['top1']:.3f} < {MIN_TOP1} at the shipped level"),
+    return [
+        *agreement_checks("ONNX Runtime at the shipped level", verification["runtime_vs_artifact"], MAX_KL, MIN_TOP1),
         (sizes["initializer_bytes"] <= expected,
          f"the file holds {sizes['initializer_bytes']:,} bytes of weights, more than the {expected:,} counted"),
-        (memory is None or memory["fits"], f"the model needs {memory and memory['total']} bytes, more than the profile's memory"),
+        memory_check(memory),
     ]
-    return [message for ok, message in checks if not ok]

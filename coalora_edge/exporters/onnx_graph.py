@@ -26,17 +26,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from coalora_edge.errors import CoaloraError
+from coalora_edge.errors import ExportError
 from coalora_edge.schemes.onnx import MatMulNBitsInitializers, OnnxFormat
 
 MS_DOMAIN = "com.microsoft"
 NBITS_OP = "MatMulNBits"
 #: MatMulNBits' input roles after A, in order; zero_points is left out for symmetric formats
 NBITS_INPUTS = ("b", "scales", "zero_points")
-
-
-class OnnxExportError(CoaloraError):
-    """An ONNX export that cannot be built or does not compute what was trained."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ def find_adapted_matmuls(model: onnx.ModelProto, weights: Mapping[str, np.ndarra
     for name, weight in weights.items():
         candidates = by_digest.get(_digest(weight.T), [])
         if len(candidates) != 1:
-            raise OnnxExportError(
+            raise ExportError(
                 f"{name}: the fp32 ONNX export holds {len(candidates)} initializers equal to its weight "
                 "(expected exactly 1, as MatMul's transposed B); the exporter changed the graph in a way "
                 "this rewrite does not know, or two adapted matrices have identical weights"
@@ -88,7 +84,7 @@ def find_adapted_matmuls(model: onnx.ModelProto, weights: Mapping[str, np.ndarra
         nodes = users[init]
         if len(nodes) != 1 or nodes[0].op_type != "MatMul" or list(nodes[0].input).index(init) != 1:
             uses = ", ".join(f"{n.op_type}({n.name})" for n in nodes) or "nothing"
-            raise OnnxExportError(
+            raise ExportError(
                 f"{name}: its weight {init} feeds {uses}, expected a single MatMul as input B; "
                 "the graph cannot be quantized per matrix"
             )

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from coalora_edge.errors import ExportError
 from coalora_edge.exporters import ort
-from coalora_edge.exporters.onnx import MODEL_FILE, REPORT_FILE
-from coalora_edge.exporters.onnx_graph import OnnxExportError
+from coalora_edge.exporters.onnx import MODEL_FILE
+from coalora_edge.exporters.report import REPORT_FILE
 from coalora_edge.fileio import sha256_file
 
 
@@ -18,10 +19,10 @@ def read_report(folder: Path) -> dict[str, Any]:
     try:
         report = json.loads((folder / REPORT_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OnnxExportError(f"{folder} has no readable {REPORT_FILE} ({type(e).__name__}); pass a folder "
+        raise ExportError(f"{folder} has no readable {REPORT_FILE} ({type(e).__name__}); pass a folder "
                               "written by `coalora-edge export --format onnx`") from None
     if not isinstance(report, dict) or report.get("format") != "onnx" or not isinstance(report.get("files"), dict):
-        raise OnnxExportError(f"{folder / REPORT_FILE} does not describe an ONNX export; export it again")
+        raise ExportError(f"{folder / REPORT_FILE} does not describe an ONNX export; export it again")
     return report
 
 
@@ -30,7 +31,7 @@ def check_files(folder: Path, report: dict[str, Any]) -> None:
     for name, recorded in report["files"].items():
         path = folder / name
         if not path.is_file() or not isinstance(recorded, dict) or sha256_file(path) != recorded.get("sha256"):
-            raise OnnxExportError(f"{path} is missing or does not match its sha256 in {REPORT_FILE}; export it again")
+            raise ExportError(f"{path} is missing or does not match its sha256 in {REPORT_FILE}; export it again")
 
 
 def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
@@ -43,7 +44,7 @@ def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt_ids = tokenizer(prompt).input_ids
     if not prompt_ids:
-        raise OnnxExportError("the prompt encodes to no tokens; pass some text")
+        raise ExportError("the prompt encodes to no tokens; pass some text")
     new = ort.greedy(session, prompt_ids, max_tokens, tokenizer.eos_token_id)
     # Decoded after the prompt, not alone: SentencePiece-style decoders drop a leading space.
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)

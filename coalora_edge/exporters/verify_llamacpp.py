@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,15 +20,11 @@ import gguf
 import numpy as np
 import torch
 
-from coalora_edge.errors import CoaloraError, RuntimeLibraryError
+from coalora_edge.errors import ExportError, RuntimeLibraryError
 from coalora_edge.exporters.gguf_vocab import SPACE
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
-
-
-class ArtifactError(CoaloraError):
-    """A GGUF file that is missing, unreadable or not something llama.cpp can run."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +40,7 @@ class Artifact:
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise ArtifactError(f"{model} not found; pass a .gguf file or the folder `coalora-edge export` wrote")
+            raise ExportError(f"{model} not found; pass a .gguf file or the folder `coalora-edge export` wrote")
         adapter = model.parent / ADAPTER_FILE
         return cls(model, adapter if adapter.is_file() and adapter != model else None)
 
@@ -53,11 +49,11 @@ class Artifact:
 
 
 def read_gguf(path: Path) -> gguf.GGUFReader:
-    """Parse ``path`` completely, or raise ArtifactError (never let llama.cpp see a bad file)."""
+    """Parse ``path`` completely, or raise ExportError (never let llama.cpp see a bad file)."""
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError, struct/IndexError, numpy errors on damage
-        raise ArtifactError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-export it") from None
+        raise ExportError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-export it") from None
 
 
 def field(reader: gguf.GGUFReader, key: str):
@@ -87,9 +83,9 @@ def check_artifact(artifact: Artifact) -> gguf.GGUFReader:
     if artifact.adapter:
         adapter = read_gguf(artifact.adapter)
         if field(adapter, "general.type") != gguf.GGUFType.ADAPTER:
-            raise ArtifactError(f"{artifact.adapter} is not a LoRA adapter GGUF (general.type is not 'adapter')")
+            raise ExportError(f"{artifact.adapter} is not a LoRA adapter GGUF (general.type is not 'adapter')")
     if field(reader, "general.type") == gguf.GGUFType.ADAPTER:
-        raise ArtifactError(f"{artifact.model} is a LoRA adapter, not a model; pass the model GGUF or its folder")
+        raise ExportError(f"{artifact.model} is a LoRA adapter, not a model; pass the model GGUF or its folder")
     return reader
 
 
@@ -109,7 +105,7 @@ def open_llama(artifact: Artifact, n_ctx: int, threads: int | None = 1, logits_a
                 verbose=False,
             )
     except ValueError as e:  # llama.cpp refused the file: llama-cpp-python reports it as ValueError
-        raise ArtifactError(f"llama.cpp cannot load {artifact.model}: {e}") from None
+        raise ExportError(f"llama.cpp cannot load {artifact.model}: {e}") from None
     try:
         yield llm
     finally:
@@ -145,45 +141,22 @@ def model_bytes(llm) -> int:
     return int(llama_cpp.llama_model_size(llm.model))
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """Next-token distributions of a runtime against a reference, over all positions."""
-
-    kl: float  # mean KL(reference || runtime), nats
-    kl_max: float
-    top1: float  # share of positions whose most likely token agrees
-    positions: int
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def agreement(reference: torch.Tensor, runtime: torch.Tensor) -> Agreement:
-    """Compare logits ``(..., V)`` position by position, softmax in fp64 so KL is not rounding."""
-    ref = reference.reshape(-1, reference.shape[-1]).double()
-    got = runtime.reshape(-1, runtime.shape[-1]).double()
-    log_p, log_q = ref.log_softmax(-1), got.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (positions,)
-    return Agreement(float(kl.mean()), float(kl.max()), float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
-                     ref.shape[0])
-
-
 def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = None) -> str:
     """Greedy continuation of ``prompt`` by the artifact at ``path`` (adapter applied if present)."""
     artifact = Artifact.find(path)
     reader = check_artifact(artifact)
     bad = unencodable(reader, prompt)
     if bad:
-        raise ArtifactError(f"the model's vocabulary cannot spell {''.join(bad)!r} in the prompt; leave those characters out")
+        raise ExportError(f"the model's vocabulary cannot spell {''.join(bad)!r} in the prompt; leave those characters out")
     key = f"{field(reader, 'general.architecture')}.context_length"
     trained = field(reader, key)
     if not isinstance(trained, int):
-        raise ArtifactError(f"{artifact.model} records no {key}, which llama.cpp needs; re-export the model")
+        raise ExportError(f"{artifact.model} records no {key}, which llama.cpp needs; re-export the model")
     # Room for the prompt (at most a token per byte, plus BOS) and the continuation.
     n_ctx = min(len(prompt.encode()) + 1 + max_tokens, trained)
     with open_llama(artifact, n_ctx=n_ctx, threads=threads, logits_all=False) as llm:
         try:
             out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
         except ValueError as e:  # llama-cpp-python: the prompt does not fit the context
-            raise ArtifactError(f"{e}; shorten the prompt (the model was trained on {trained} tokens)") from None
+            raise ExportError(f"{e}; shorten the prompt (the model was trained on {trained} tokens)") from None
     return out["choices"][0]["text"]
