@@ -171,7 +171,7 @@ def available_memory(device: str = "cpu") -> int | None:
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        return int(torch.cuda.mem_get_info(torch.device(device).index)[0])  # index None: the current device
     known = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
     return min(known) if known else None
 
