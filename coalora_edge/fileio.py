@@ -28,6 +28,12 @@ class OutputLocationError(CoaloraError):
     """The output cannot be created where the user asked (a parent is a file, no permission)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -67,7 +74,9 @@ def make_temp_dir(path: Path) -> Path:
     existing_parent(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename into place
+        return tmp
     except OSError as e:  # no permission, a read-only or full disk
         raise OutputLocationError(f"cannot write {path}: {e.strerror} ({e.filename}); "
                                   "pick an output inside a folder you can write to") from None

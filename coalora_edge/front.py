@@ -4,6 +4,7 @@ a summary of the search, and the plot of bits per weight against perplexity (use
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from coalora_edge.bundle import PARETO, Bundle
 from coalora_edge.errors import CoaloraError
+from coalora_edge.fileio import atomic_write_bytes
 from coalora_edge.search.pareto import front_mask
 
 
@@ -69,8 +71,10 @@ def write_plot(path: Path, evaluations: list[dict[str, Any]], main: dict[str, An
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def _front_line(ax, front: list[dict[str, Any]], style: dict) -> None:

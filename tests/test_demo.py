@@ -104,3 +104,22 @@ def test_failed_build_removes_partial_output_and_restores_the_old(tmp_path):
     with build_in_place(target, force=True) as folder:
         (folder / "new").write_text("y")
     assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_killed_demo_leaves_nothing_behind(tmp_path):
+    """SIGTERM (what `kill` and schedulers send) unwinds: no partial output, no partial cache."""
+    import signal
+    import time
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "coalora_edge", "demo", "--quick", "--out", str(out)],
+                            env=dict(os.environ, COALORA_CACHE=str(cache)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((cache / "demo").glob(".demo-base-*")) and time.monotonic() < deadline:  # pretraining began
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p.name for p in (cache / "demo").iterdir() if p.name.startswith(".")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -44,8 +45,15 @@ app.command()(run)
 app.command()(demo)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point. Bugs also end in one line; COALORA_DEBUG=1 shows the traceback."""
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so temporary outputs are removed and a replaced
+    # output comes back; Python's default would end the process on the spot.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app()
     except KeyboardInterrupt:
