@@ -91,7 +91,7 @@ class DemoPlan:
     sample_tokens: int
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 2e-3
+    lr: float = 1e-3
 
 
 PLANS = {

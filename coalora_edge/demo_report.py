@@ -90,7 +90,11 @@ def _device_details(r: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{n} {format_size(b)}' for n, b in r['files'].items() if n.endswith(MODEL_SUFFIXES))}; tensor bytes equal the "
         f"resolver's: {'yes' if r['sizes_match'] else 'NO'}.",
         "",
-        f"Sample (greedy, {r['runtime']}): *{r['sample']['prompt']}*{r['sample']['text']}",
+        f"Greedy sample in {r['runtime']}, prompt `{r['sample']['prompt']}`:",
+        "",
+        "```text",
+        r["sample"]["prompt"] + r["sample"]["text"],
+        "```",
     ]
     for warning in r["warnings"]:
         lines += ["", f"Warning: {warning}"]

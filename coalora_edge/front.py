@@ -15,6 +15,9 @@ from coalora_edge.errors import CoaloraError
 from coalora_edge.fileio import atomic_write_bytes
 from coalora_edge.search.pareto import front_mask
 
+#: perplexities spanning more than this factor are drawn on a log axis, narrower ones linear
+LOG_SCALE_RANGE = 3.0
+
 
 def final_front(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The front among the measurements with the final adapter, fewest bits first.
@@ -67,7 +70,9 @@ def write_plot(path: Path, evaluations: list[dict[str, Any]], main: dict[str, An
         ax.axhline(main["unquantized"]["perplexity"], color="k", linestyle=":", label="unquantized")
     ax.set_xlabel("bits per weight (adapted matrices)")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high > LOG_SCALE_RANGE * low:  # 2-bit configurations can be 10-100x worse than 8-bit ones
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
