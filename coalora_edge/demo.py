@@ -139,13 +139,16 @@ def corpus_file(cache: Path) -> Path:
 
 
 def device_profile(device: DemoDevice, resolver: Resolver, n_weights: int) -> DeviceProfile:
-    """``device`` as a profile whose memory is what ``device.bits`` per weight needs on it."""
+    """``device`` as a profile whose memory is what ``device.bits`` per weight needs on it, or
+    the bundle's smallest configuration where that is more (a --model whose rows make
+    llama.cpp fall back from 2- and 3-bit K-quants to 4-bit types)."""
     draft = DeviceProfile(name=device.name, runtime=device.runtime, memory_bytes=1 << 40, reserved_bytes=RESERVED_BYTES,
                           context_length=256, adapter_mode=device.adapter_mode, threads=1)
-    needed = resolver.breakdown(draft, weights_bytes=int(device.bits * n_weights / 8)).total
+    weights = max(int(device.bits * n_weights / 8), resolver.space.smallest(None))
+    needed = resolver.breakdown(draft, weights_bytes=weights).total
     return draft.model_copy(update={
         "memory_bytes": -(-needed // 1024) * 1024,
-        "notes": f"Not a real device: the demo sized its memory for about {device.bits} bits per adapted weight.",
+        "notes": f"Not a real device: the demo sized its memory for about {8 * weights / n_weights:.2f} bits per adapted weight.",
     })
 
 

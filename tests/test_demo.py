@@ -123,3 +123,17 @@ def test_killed_demo_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr
     assert not out.exists()
     assert not [p.name for p in (cache / "demo").iterdir() if p.name.startswith(".")]
+
+
+def test_demo_on_your_own_model_and_text(tinystories_dir, tinystories_text, tmp_path):
+    """--model/--data: no pretraining; devices are sized so that even a model whose rows make
+    llama.cpp fall back to 4-bit types (TinyStories: 128) gets a configuration everywhere."""
+    out = tmp_path / "out"
+    proc = demo_cli(out, tmp_path / "cache", "--model", str(tinystories_dir), "--data", str(tinystories_text),
+                    "--prompt", "Once upon a time")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert not report["base_model"]["pretrained_by_demo"] and report["data"] == [str(tinystories_text)]
+    assert not (tmp_path / "cache").exists()
+    assert all(row["fits"] and row["sizes_match"] for row in report["devices"])
+    assert all(row["sample"]["prompt"] == "Once upon a time" for row in report["devices"])
