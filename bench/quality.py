@@ -93,7 +93,7 @@ def run_scheme(name: str, args, blocks) -> dict:
 
     def train(wrapper, configs, steps):
         s = TrainSettings(method=wrapper.method, steps=steps, batch_size=args.batch_size, rank=args.rank,
-                          alpha=2 * args.rank, lr=args.lr, k_configs=args.k, seed=args.seed, checkpoint_every=0)
+                          alpha=2 * args.rank, lr=args.lr, config_model_lr=args.config_model_lr, k_configs=args.k, seed=args.seed, checkpoint_every=0)
         start = time.perf_counter()
         Trainer(wrapper, blocks, s, acc).train(configs)
         return time.perf_counter() - start
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--multiplier", type=int, default=3, help="coa and shared train multiplier x S steps")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--config-model-lr", type=float, default=None, help="coa: the configuration model's own lr")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)

@@ -338,16 +338,21 @@ class CoALoRAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float, config_model_lr: float | None = None) -> list[dict[str, Any]]:
         """AdamW parameter groups: decay on the LoRA factors and the configuration model's
-        Linear weights only; sigma, embeddings, LayerNorm and biases get none."""
+        Linear weights only; sigma, embeddings, LayerNorm and biases get none. With
+        ``config_model_lr`` the configuration model learns at its own rate."""
         decayed = {id(p) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p is not None}
+        own_rate = set()
         if self.config_model is not None:
             decayed |= {id(p) for p in self.config_model.decayed_parameters()}
+            if config_model_lr is not None:
+                own_rate = {id(p) for p in self.config_model.parameters()}
         params = self.trainable_parameters()
         groups = [
-            {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+            {"params": [p for p in params if (id(p) in own_rate) == own and (id(p) in decayed) == decay],
+             "weight_decay": weight_decay if decay else 0.0, **({"lr": config_model_lr} if own else {})}
+            for own in (False, True) for decay in (True, False)
         ]
         return [g for g in groups if g["params"]]
 

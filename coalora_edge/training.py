@@ -59,6 +59,7 @@ class TrainSettings:
     rank: int = 16
     alpha: float = 32.0
     lr: float = 2e-4
+    config_model_lr: float | None = None  # the configuration model's own rate (default: lr)
     weight_decay: float = 0.0
     steps: int = 200  # optimizer steps (per configuration for per-config)
     batch_size: int = 8
@@ -75,6 +76,8 @@ class TrainSettings:
             (self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
             (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.config_model_lr is None or self.config_model_lr > 0,
+             f"configuration-model learning rate must be positive, got {self.config_model_lr}"),
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.k_configs >= 1, f"K (configurations per step) must be at least 1, got {self.k_configs}"),
@@ -205,7 +208,8 @@ class Trainer:
     # -- runs, checkpoints ------------------------------------------------------------
 
     def _optimizer(self):
-        return torch.optim.AdamW(self.wrapper.param_groups(self.settings.weight_decay), lr=self.settings.lr)
+        s = self.settings
+        return torch.optim.AdamW(self.wrapper.param_groups(s.weight_decay, s.config_model_lr), lr=s.lr)
 
     def _save(self, runs: list[Run], run_index: int, step: int, optimizer=None) -> None:
         """Checkpoint: finished runs' states, plus (mid-run) the current state and optimizer."""

@@ -367,3 +367,17 @@ def test_unquantized_and_without_adapter_contexts(tiny_model_dir):
         for name, w in weights.items():
             reference.get_submodule(name).weight.copy_(w)
         assert torch.equal(quantized, reference(input_ids=ids).logits)
+
+
+def test_configuration_model_can_learn_at_its_own_rate(tiny_model_dir):
+    """--config-model-lr: the configuration model's parameters (and only they) get their own lr,
+    with the weight-decay split kept."""
+    wrapper = CoALoRAModel(load_model(str(tiny_model_dir("llama"))), get_scheme("onnx"), rank=4, alpha=8)
+    groups = wrapper.param_groups(0.1, config_model_lr=1e-2)
+    own = {id(p) for p in wrapper.config_model.parameters()}
+    for g in groups:
+        in_config = {id(p) in own for p in g["params"]}
+        assert len(in_config) == 1 and (g.get("lr") == 1e-2) == in_config.pop()
+    assert sum(len(g["params"]) for g in groups) == len(wrapper.trainable_parameters())
+    assert {g["weight_decay"] for g in groups} == {0.1, 0.0}
+    assert all("lr" not in g for g in wrapper.param_groups(0.1))
