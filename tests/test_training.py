@@ -135,3 +135,30 @@ def test_two_process_ddp_matches_one_process(tinystories_dir, tinystories_text, 
     assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3) for k in a)
     losses = [[h["loss"] for h in json.loads((tmp_path / d / "manifest.json").read_text())["training"]["history"]] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_two_process_ddp_runs_the_pareto_search(tinystories_dir, tinystories_text, tmp_path):
+    """The search runs on the main process and broadcasts the new training set. Its first
+    round measures the same adapter as one process does (to float summation order); later
+    rounds may propose other configurations, since the acquisition's argmax is discrete."""
+    pytest.importorskip("accelerate")
+    search = ["--scheme", "onnx", "--seq-len", "32", "--batch-size", "4", "--rank", "4", "--lr", "1e-2",
+              "--search", "pareto", "--search-rounds", "2", "--ladder-step", "1.0", "--eval-blocks", "4",
+              "--candidates", "2", "--steps", "4", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for name, launcher in (("one", [sys.executable]), ("two", launch)):
+        proc = subprocess.run([*launcher, "-m", "coalora_edge", "train", str(tinystories_dir), "--data", str(tinystories_text),
+                               "--out", str(tmp_path / name), *search], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "pareto.json").read_text()) for name in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]["processes"] == 2
+    assert [r["step"] for r in one["search"]["rounds"]] == [r["step"] for r in two["search"]["rounds"]] == [2, 4]
+    def first_round(name: str, doc: dict) -> dict[str, float]:
+        evaluated = json.loads((tmp_path / name / "configs.json").read_text())["evaluated"]
+        return {json.dumps(evaluated[e["config"]]): e["loss"] for e in doc["evaluations"] if e["step"] == 2}
+
+    a, b = first_round("one", one), first_round("two", two)
+    common = a.keys() & b.keys()  # the ladder, measured by both before anything was proposed
+    assert len(common) >= 9 and all(abs(a[k] - b[k]) < 1e-4 for k in common)
