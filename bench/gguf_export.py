@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -51,7 +50,8 @@ from coalora_edge.bundle import load_bundle
 from coalora_edge.data import load_blocks
 from coalora_edge.evaluate import lm_score
 from coalora_edge.exporters import gguf as gguf_export
-from coalora_edge.exporters.verify_llamacpp import Artifact, open_llama, runtime_logits
+from coalora_edge.exporters.perplexity import llamacpp_perplexity
+from coalora_edge.exporters.verify_llamacpp import Artifact, open_llama
 from coalora_edge.models import load_model
 from coalora_edge.profiles import load_profile, validate_profile
 from coalora_edge.quantize import config_nbytes
@@ -118,17 +118,6 @@ def train(model_dir: Path, out: Path, budgets: list[float], steps: int, seq_len:
                         settings=TrainSettings(steps=steps, batch_size=8, rank=8, alpha=16, lr=2e-3)))
 
 
-def llamacpp_perplexity(artifact: Artifact, blocks: torch.Tensor) -> float:
-    """Perplexity of next tokens within each block, as lm_score counts them."""
-    total, count = 0.0, 0
-    with open_llama(artifact, n_ctx=blocks.shape[1]) as llm:
-        for block in blocks:
-            logits = runtime_logits(llm, block.tolist())  # (T, V)
-            total += torch.nn.functional.cross_entropy(logits[:-1].double(), block[1:], reduction="sum").item()
-            count += len(block) - 1
-    return math.exp(total / count)
-
-
 def config_near(bundle, bits: float) -> dict[str, str]:
     """The measured configuration with the most bits per weight at or under ``bits``."""
     fitting = [e for e in evaluations(bundle) if e["bits_per_weight"] <= bits + 1e-9]
@@ -158,7 +147,7 @@ def quality(root: Path, steps: int, pretrain_steps: int, seq_len: int, eval_bloc
                    / sum(a * b for a, b in shapes.values()), "trained": lm_score(restored.wrapper, blocks).perplexity}
             for mode in gguf_export.ADAPTER_MODES:
                 artifact, report, seconds = exported(restored, config, root / f"{name}-{bits}-{mode}", mode)
-                row[mode] = llamacpp_perplexity(artifact, blocks)
+                row[mode] = llamacpp_perplexity(artifact.model, blocks)
                 row["adapter_effect_kl"] = report["verification"]["adapter_effect_kl"]
                 row.update({"fold_kl": report["verification"]["fold"]["kl"], "fold_warning": bool(report["warnings"])}
                            if mode == "merged" else {})

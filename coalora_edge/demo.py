@@ -36,7 +36,8 @@ from coalora_edge.data import load_blocks
 from coalora_edge.demo_model import VALID_FRACTION, DemoModelSpec, build, model_folder, stdlib_corpus
 from coalora_edge.demo_report import markdown
 from coalora_edge.evaluate import lm_score
-from coalora_edge.exporters import onnx_run, verify_llamacpp
+from coalora_edge.exporters import EXPORTERS, onnx_run, verify_llamacpp
+from coalora_edge.exporters.onnx import MODEL_FILE as ONNX_MODEL_FILE
 from coalora_edge.exporters.perplexity import llamacpp_perplexity, onnx_perplexity
 from coalora_edge.fileio import atomic_write_bytes, atomic_write_json, build_in_place
 from coalora_edge.front import summary, write_plot
@@ -47,12 +48,10 @@ from coalora_edge.search.rounds import SearchSettings
 from coalora_edge.train_job import TrainJob, run as train_bundle
 from coalora_edge.training import TrainSettings, progress_bar
 
-#: scheme -> the exporter module (as `coalora-edge export --format`)
-EXPORTERS = {"gguf": "coalora_edge.exporters.gguf", "onnx": "coalora_edge.exporters.onnx"}
 #: scheme -> (perplexity of an export folder's model on blocks, greedy sample from it)
 RUNTIME_CHECKS: dict[str, tuple[Callable[[Path, torch.Tensor], float], Callable[[Path, str, int], str]]] = {
     "gguf": (lambda folder, blocks: llamacpp_perplexity(folder, blocks, threads=None), verify_llamacpp.generate),
-    "onnx": (lambda folder, blocks: onnx_perplexity(folder / "model.onnx", blocks, threads=0), onnx_run.generate),
+    "onnx": (lambda folder, blocks: onnx_perplexity(folder / ONNX_MODEL_FILE, blocks, threads=0), onnx_run.generate),
 }
 DEFAULT_PROMPT = "Return a new"  # how many of the corpus' docstrings begin
 RESERVED_BYTES = 1 << 20  # the demo devices' stand-in for an OS and host application

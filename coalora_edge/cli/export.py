@@ -13,18 +13,13 @@ from rich.table import Table
 from coalora_edge.bundle import Bundle, load_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json
 from coalora_edge.errors import CoaloraError
+from coalora_edge.exporters import EXPORTERS
 from coalora_edge.exporters.report import ADAPTER_MODES
 from coalora_edge.profiles import DeviceProfile, format_size, load_profile
 from coalora_edge.quantize import Configuration
 from coalora_edge.resolver import resolve
 from coalora_edge.restore import config_at_bpw, read_config_file, restore
 
-#: --format -> module with ``export(restored, config, out, *, adapter_mode, profile, force) -> dict``
-#: (the content of OUT/export.json). Imported on use: each pulls in its runtime.
-EXPORTERS = {
-    "gguf": "coalora_edge.exporters.gguf",
-    "onnx": "coalora_edge.exporters.onnx",
-}
 
 
 @one_line_errors
