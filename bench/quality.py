@@ -6,13 +6,16 @@ Same data, same validation blocks. For each scheme (onnx, nf) and budget (2.5 / 
     none        the quantized model, no adapter
     per-config  one ordinary LoRA trained for that configuration alone, S steps (one run per budget)
     shared      one ordinary LoRA trained on the whole ladder, 3 S steps, K = 2
-    coa         one CoA-LoRA trained on the whole ladder, 3 S steps, K = 2 (one run for all budgets)
+    coa         one CoA-LoRA trained on the whole ladder, 3 S steps, K = 2 (one run for all budgets),
+                once per configuration-model design (--config-models: table, the default, and
+                mlp, the paper's network)
 
 The ladder contains the four budget configurations; "unseen" configurations (random
 perturbations of them, in no training set) show how CoA-LoRA generalises.
 
     scripts/env.sh python bench/quality.py                # full (about 20-40 min on 2 cores)
     scripts/env.sh python bench/quality.py --steps 20     # smoke run
+    scripts/env.sh python bench/quality.py --ladder-range 9,9   # train on the four budgets only
 
 Prints tables and writes bench/results/quality.json.
 """
@@ -49,9 +52,10 @@ TEXT = SHARED / "text" / "tinystories_dev.txt"
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
 
-def fresh(scheme, method: str, rank: int, seed: int) -> CoALoRAModel:
+def fresh(scheme, method: str, rank: int, seed: int, config_model: str = "table") -> CoALoRAModel:
     torch.manual_seed(seed)
-    return CoALoRAModel(load_model(str(MODEL)), scheme, rank=rank, alpha=2 * rank, method=method)
+    return CoALoRAModel(load_model(str(MODEL)), scheme, rank=rank, alpha=2 * rank, method=method,
+                        config_model=config_model)
 
 
 def unseen_configs(budget_configs, seen, choices, shapes, scheme, n: int, max_bpw: float, seed: int):
@@ -113,29 +117,34 @@ def run_scheme(name: str, args, blocks) -> dict:
         per_config += score(wrapper, [c])
     result["per-config"], result["seconds"]["per-config"] = per_config, seconds
 
-    for method in ("shared", "coa"):
-        wrapper = fresh(scheme, method, args.rank, args.seed)
-        result["seconds"][method] = train(wrapper, train_set, args.multiplier * args.steps)
-        result[method], result[f"{method}_unseen"] = score(wrapper, at_budget), score(wrapper, unseen)
+    runs = [("shared", "shared", "table")] + [(coa_name(d), "coa", d) for d in args.config_models.split(",")]
+    for name, method, design in runs:
+        wrapper = fresh(scheme, method, args.rank, args.seed, design)
+        result["seconds"][name] = train(wrapper, train_set, args.multiplier * args.steps)
+        result[name], result[f"{name}_unseen"] = score(wrapper, at_budget), score(wrapper, unseen)
     return result
+
+
+def coa_name(design: str) -> str:
+    """The default design reports as plain ``coa``."""
+    return "coa" if design == "table" else f"coa-{design}"
 
 
 def render(results: list[dict], console: Console) -> None:
     for r in results:
-        t = Table("budget", "bits/weight", "none", "shared", "per-config", "coa", "coa vs per-config",
+        coas = [m for m in r["seconds"] if m.startswith("coa")]
+        methods = ["none", "shared", "per-config", *coas]
+        t = Table("budget", "bits/weight", *methods, *(f"{m} vs per-config" for m in coas), *(f"{m} vs shared" for m in coas),
                   title=f"{r['scheme']}: validation perplexity (unquantized {r['unquantized']:.2f}); "
                         f"train set {r['train_set']} configurations")
         for i, b in enumerate(r["budgets"]):
-            rel = r["coa"][i] / r["per-config"][i] - 1
-            t.add_row(f"{b}", f"{r['bits_per_weight'][i]:.3f}", *(f"{r[m][i]:.2f}" for m in ("none", "shared", "per-config", "coa")),
-                      f"{100 * rel:+.1f}%")
+            rel = [f"{100 * (r[m][i] / r[base][i] - 1):+.1f}%" for base in ("per-config", "shared") for m in coas]
+            t.add_row(f"{b}", f"{r['bits_per_weight'][i]:.3f}", *(f"{r[m][i]:.2f}" for m in methods), *rel)
         console.print(t)
-        mean = {m: sum(r[f"{m}_unseen"]) / len(r[f"{m}_unseen"]) for m in ("none", "shared", "coa")}
-        console.print(f"unseen configurations ({r['unseen']}): mean perplexity none {mean['none']:.2f}, "
-                      f"shared {mean['shared']:.2f}, coa {mean['coa']:.2f}")
-        s = r["seconds"]
-        console.print(f"training seconds: per-config (all {len(r['budgets'])} runs) {s['per-config']:.0f}, "
-                      f"shared {s['shared']:.0f}, coa {s['coa']:.0f}")
+        unseen = ", ".join(f"{m} {sum(r[f'{m}_unseen']) / len(r[f'{m}_unseen']):.2f}" for m in ("none", "shared", *coas))
+        console.print(f"unseen configurations ({r['unseen']}): mean perplexity {unseen}")
+        seconds = ", ".join(f"{m} {s:.0f}" for m, s in r["seconds"].items())
+        console.print(f"training seconds (per-config: all {len(r['budgets'])} runs): {seconds}")
 
 
 def main() -> None:
@@ -145,6 +154,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--config-model-lr", type=float, default=None, help="coa: the configuration model's own lr")
+    ap.add_argument("--config-models", default="table,mlp", help="coa: the configuration-model designs to train, one run each")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)

@@ -81,7 +81,7 @@ def synthetic_bundle(folder: Path, seed: int = 0) -> Path:
     return write_bundle(
         folder / "bundle", base_model={"source": str(model_dir), "sha256": "synthetic", "files": {}}, scheme="gguf",
         choices=choices, matrices=matrices,
-        adapter={"method": "coa", "adapter_method": "coa", "rank": 16, "alpha": 32, "imatrix": False},
+        adapter={"method": "coa", "adapter_method": "coa", "rank": 16, "alpha": 32, "config_model": "table", "imatrix": False},
         adapter_state={"unused": torch.zeros(1)}, training_set=[s.config for s in solutions], training={},
         extra_files={SENSITIVITY: json.dumps(sensitivity.to_dict()).encode(),
                      PARETO: json.dumps({"evaluations": records}).encode()},

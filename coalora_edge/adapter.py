@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalora_edge.config_model import ConfigModel, matrix_features, vocabularies
+from coalora_edge.config_model import CONFIG_MODELS, build_config_model, matrix_features
 from coalora_edge.errors import CoaloraError, ModelError, SchemeError
 from coalora_edge.models import Matrix, decoder_blocks, find_matrices
 from coalora_edge.quantize import Configuration, QuantCache
@@ -167,7 +167,9 @@ class CoALoRAModel(nn.Module):
     ``model`` is modified in place: its parameters are frozen and each adapted
     ``nn.Linear`` is replaced by a :class:`CoALoRALinear`. ``matrices`` limits adaptation
     to these names (default: every nn.Linear of the decoder blocks); ``imatrix`` is passed
-    to the cache for GGUF types that quantize with an importance matrix.
+    to the cache for GGUF types that quantize with an importance matrix. ``config_model``
+    names the configuration model's design (config_model.py); the ``table`` design holds
+    an M for every matrix in every format of ``choices`` (default: the scheme's).
     """
 
     def __init__(
@@ -180,6 +182,8 @@ class CoALoRAModel(nn.Module):
         method: str = "coa",
         matrices: Iterable[str] | None = None,
         imatrix: Mapping[str, torch.Tensor] | None = None,
+        config_model: str = CONFIG_MODELS[0],
+        choices: Iterable[str] | None = None,
     ):
         super().__init__()
         if method not in METHODS:
@@ -200,9 +204,10 @@ class CoALoRAModel(nn.Module):
         }
         self.cache = QuantCache(scheme, {n: layer.base_layer.weight for n, layer in self.layers.items()}, imatrix)
         if spec.config_aware:
-            vocab = vocabularies(scheme, len(decoder_blocks(model)[1]), (m.module for m in self.matrices))
             device = next(iter(self.layers.values())).base_layer.weight.device
-            self.config_model: ConfigModel | None = ConfigModel(vocab, rank).to(device)
+            self.config_model: nn.Module | None = build_config_model(
+                config_model, scheme, self.matrices, list(choices or scheme.default_choices),
+                len(decoder_blocks(model)[1]), rank).to(device)
         else:
             self.config_model = None
         self.config: dict[str, str] | None = None

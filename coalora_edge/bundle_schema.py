@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 
+from coalora_edge.config_model import CONFIG_MODELS
 from coalora_edge.errors import BundleError, SchemeError
 from coalora_edge.schemes import get_scheme
 from coalora_edge.training import ADAPTER_METHOD
@@ -64,6 +65,7 @@ class AdapterEntry(_Strict):
     adapter_method: str
     rank: Side
     alpha: Annotated[Finite, Field(gt=0)]
+    config_model: Literal[CONFIG_MODELS]  # type: ignore[valid-type]
     imatrix: bool
 
 

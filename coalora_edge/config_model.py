@@ -1,15 +1,26 @@
 """The configuration-aware model: (format, layer index, module type) -> an r x r matrix M.
 
-One small network shared by every adapted matrix (PAPER.md, "The model"). Each
-categorical feature has its own embedding table; the concatenated embeddings go through
-LayerNorm -> Linear -> SiLU -> Linear to r*r numbers, and ``M = sigma * out + I``. The
-last layer starts near zero and sigma at one, so M starts near the identity and the
-adapter starts as a plain LoRA, with sigma free to scale the learnt correction.
+Two designs, one interface (``encode`` feature rows, ``forward`` to ``(n, r, r)`` in one
+call, ``decayed_parameters``), listed in :data:`CONFIG_MODELS`:
 
-Features are categorical *values* looked up in vocabularies built from the scheme's whole
-format table, so a configuration never seen in training (any mix of the scheme's
-formats) is encoded like any other. A format is described by its fields (bits, block,
-...), not by its name, so formats that share a field share what was learnt about it.
+``table`` (default)
+    One free ``(r, r)`` correction per (layer, module, stored format): ``M = I + T[key]``,
+    starting at exactly I. The keys are every adapted matrix in every format the adapter
+    is trained for (the ``choices``), so any configuration over those formats, seen in
+    training or not, has its M. A pair never met in training keeps M = I: the shared LoRA.
+
+``mlp``
+    The paper's reference design (PAPER.md, "The model"): one embedding table per
+    categorical feature, concatenated -> LayerNorm -> Linear -> SiLU -> Linear to r*r
+    numbers, ``M = sigma * out + I`` with the last layer near zero and sigma at one.
+    Features are looked up in vocabularies built from the scheme's whole format table, so
+    it encodes any format of the scheme, and formats sharing a field share what was learnt.
+
+Why the table is the default (BENCHMARKS.md, "Configuration model"): each matrix's A and
+B span their own rank space, so an (r, r) output shared across matrices means something
+different for each; the MLP's shared output layer and bias move every matrix's M at once,
+and measured on TinyStories it ends no better than M = I (the ``shared`` baseline). The
+table gives each (matrix, format) its own M and closed most of the gap to per-config.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from coalora_edge.errors import CoaloraError
 from coalora_edge.models import Matrix
 from coalora_edge.schemes.base import Format, Scheme
 
+#: the designs, by the name `train --config-model` takes; the first is the default
+CONFIG_MODELS = ("table", "mlp")
 EMBED_DIM = 8
 HIDDEN = 128
 #: std of the last layer at init: M starts within about 1e-2 of the identity
@@ -65,8 +78,8 @@ def _sorted(values: set) -> tuple:
     return tuple(sorted(values, key=lambda v: (type(v).__name__, v)))
 
 
-class ConfigModel(nn.Module):
-    """Maps categorical features of each matrix to its ``(r, r)`` matrix M, many at once."""
+class ConfigMLP(nn.Module):
+    """The paper's design: categorical features of each matrix -> its ``(r, r)`` M, many at once."""
 
     def __init__(self, vocabularies: Mapping[str, Sequence[Any]], rank: int,
                  embed_dim: int = EMBED_DIM, hidden: int = HIDDEN):
@@ -113,3 +126,50 @@ class ConfigModel(nn.Module):
         """The weights AdamW may decay: the Linear matrices only. Decaying sigma would pull
         M towards I, and decaying embeddings, LayerNorm or biases has no regularising sense."""
         return [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+
+
+class ConfigTable(nn.Module):
+    """One learnt ``(r, r)`` correction per (layer, module, stored format), M = I + T[key].
+
+    ``rows`` lists the feature rows the table holds: every adapted matrix in every format
+    the adapter may meet. Only the table is state; the keys follow from the rows, which a
+    loaded adapter rebuilds from its bundle (matrices and choices)."""
+
+    def __init__(self, rows: Iterable[Features], rank: int):
+        super().__init__()
+        self.rank = rank
+        self._index = {key: i for i, key in enumerate(dict.fromkeys(map(_key, rows)))}
+        self.delta = nn.Parameter(torch.zeros(len(self._index), rank, rank))
+
+    def encode(self, rows: Sequence[Features]) -> torch.Tensor:
+        """Feature dicts -> table rows ``(n,)``, on the model's device."""
+        try:
+            index = [self._index[_key(row)] for row in rows]
+        except KeyError as e:
+            raise CoaloraError(
+                f"the configuration model has no entry for {dict(e.args[0])}: the adapter was trained for other "
+                "formats; use a configuration over the bundle's formats (`coalora-edge inspect BUNDLE`)"
+            ) from None
+        return torch.tensor(index, dtype=torch.long, device=self.delta.device)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Table rows ``(n,)`` -> M ``(n, r, r)``."""
+        return self.delta[index] + torch.eye(self.rank, device=self.delta.device, dtype=self.delta.dtype)
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """None: decaying T would pull every M towards I, i.e. towards the shared LoRA."""
+        return []
+
+
+def _key(row: Features) -> tuple:
+    return tuple(sorted(row.items()))
+
+
+def build_config_model(kind: str, scheme: Scheme, matrices: Sequence[Matrix], choices: Sequence[str],
+                       n_layers: int, rank: int) -> nn.Module:
+    """The configuration model ``kind`` (a key of :data:`CONFIG_MODELS`) for these matrices."""
+    if kind == "table":
+        return ConfigTable([matrix_features(scheme, m, c) for m in matrices for c in choices], rank)
+    if kind == "mlp":
+        return ConfigMLP(vocabularies(scheme, n_layers, (m.module for m in matrices)), rank)
+    raise CoaloraError(f"unknown configuration model {kind!r}; choose one of: {', '.join(CONFIG_MODELS)}")

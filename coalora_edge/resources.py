@@ -86,14 +86,15 @@ def load_need(source: str, params: int, dtype_bytes: int) -> Need:
 
 def training_need(*, adapted: int, shapes: Iterable[tuple[int, int]], rank: int, dtype_bytes: int, formats: int,
                   batch_tokens: int, hidden: int, intermediate: int, layers: int, vocab: int,
-                  gradient_checkpointing: bool) -> Need:
+                  gradient_checkpointing: bool, table_entries: int = 0) -> Need:
     """What training holds beside the loaded model.
 
     Every (matrix, format) the training set visits stays dequantized in the base dtype
     (the quantization cache: switching configuration every step is then a look-up), so
-    up to ``formats`` copies of the adapted weights.
+    up to ``formats`` copies of the adapted weights. The ``table`` configuration model
+    holds an (r, r) matrix per ``table_entries`` (matrix, format) pairs.
     """
-    lora = rank * sum(out + inp for out, inp in shapes)
+    lora = rank * sum(out + inp for out, inp in shapes) + table_entries * rank * rank
     per_token_layer = (CHECKPOINTED_ACTIVATIONS * hidden if gradient_checkpointing
                        else LAYER_ACTIVATIONS * hidden + 3 * intermediate)
     return Need(

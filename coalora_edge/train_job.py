@@ -124,6 +124,7 @@ def _need(job: TrainJob, model: torch.nn.Module, matrices: list[Matrix], formats
         dtype_bytes=model.dtype.itemsize, formats=formats, batch_tokens=job.settings.batch_size * job.seq_len,
         hidden=dims.hidden, intermediate=dims.intermediate, layers=dims.layers, vocab=dims.vocab,
         gradient_checkpointing=job.settings.gradient_checkpointing,
+        table_entries=len(matrices) * formats if job.settings.method == "coa" and job.settings.config_model == "table" else 0,
     )
 
 
@@ -161,6 +162,7 @@ def run(job: TrainJob) -> Bundle:
     wrapper = CoALoRAModel(
         model, scheme, rank=s.rank, alpha=s.alpha, method=ADAPTER_METHOD[s.method],
         imatrix=imatrix.values if job.use_imatrix and job.scheme == "gguf" else None,
+        config_model=s.config_model, choices=choices,
     )
     shapes = {m.name: m.shape for m in wrapper.matrices}
     sensitivity = activation_sensitivity(wrapper.cache, imatrix, choices)
@@ -210,6 +212,7 @@ def run(job: TrainJob) -> Bundle:
                     "architecture": type(model).__name__, **model_fingerprint(model_dir)},
         scheme=job.scheme, choices=choices, matrices=wrapper.matrices,
         adapter={"method": s.method, "adapter_method": ADAPTER_METHOD[s.method], "rank": s.rank, "alpha": s.alpha,
+                 "config_model": s.config_model,
                  "imatrix": IMATRIX in extra and job.use_imatrix and job.scheme == "gguf"},
         adapter_state=states, training_set=final, evaluated=evaluated_configs,
         training={"settings": asdict(s), "search": asdict(job.search) | {"mode": mode}, "data": job.data,

@@ -38,6 +38,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from coalora_edge.adapter import CoALoRAModel
 from coalora_edge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coalora_edge.config_model import CONFIG_MODELS
 from coalora_edge.data import TokenBlocks
 from coalora_edge.errors import CoaloraError
 from coalora_edge.quantize import Configuration
@@ -59,6 +60,7 @@ class TrainSettings:
     rank: int = 16
     alpha: float = 32.0
     lr: float = 2e-4
+    config_model: str = CONFIG_MODELS[0]  # coa: the configuration model's design (config_model.py)
     config_model_lr: float | None = None  # the configuration model's own rate (default: lr)
     weight_decay: float = 0.0
     steps: int = 200  # optimizer steps (per configuration for per-config)
@@ -73,6 +75,8 @@ class TrainSettings:
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.config_model in CONFIG_MODELS,
+             f"configuration model must be one of {', '.join(CONFIG_MODELS)}, got {self.config_model!r}"),
             (self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
             (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),

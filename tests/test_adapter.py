@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coalora_edge.adapter import CoALoRALinear, CoALoRAModel
+from coalora_edge.config_model import CONFIG_MODELS, ConfigTable, matrix_features
 from coalora_edge.errors import CoaloraError, ModelError, SchemeError
 from coalora_edge.models import find_matrices, load_model
 from coalora_edge.quantize import QuantCache
@@ -72,16 +73,26 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def randomize(wrapper: CoALoRAModel, seed: int = 2, scale: float = 0.1) -> None:
-    """Trained-looking parameters: non-zero B, a configuration model far from M = I."""
+def randomize(wrapper: CoALoRAModel, seed: int = 2, scale: float = 0.1, params=None) -> None:
+    """Trained-looking parameters (default all): non-zero B, a configuration model far from M = I."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in wrapper.trainable_parameters():
+        for p in params or wrapper.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def current_M(wrapper: CoALoRAModel) -> torch.Tensor:
     return torch.stack([layer.M for layer in wrapper.layers.values()])  # (n, r, r)
+
+
+def decode(wrapper: CoALoRAModel, encoded: torch.Tensor) -> list[dict]:
+    """What the configuration model was given, back as feature dicts (either design)."""
+    cm = wrapper.config_model
+    if isinstance(cm, ConfigTable):
+        keys = list(cm._index)
+        return [dict(keys[i]) for i in encoded.tolist()]
+    names = list(cm.vocabularies)
+    return [{f: cm.vocabularies[f][i] for f, i in zip(names, row.tolist())} for row in encoded]
 
 
 @pytest.mark.parametrize("scheme_name", ["gguf", "onnx", "nf"])
@@ -138,14 +149,15 @@ def test_collapsed_lora_of_another_configuration_does_not_switch(llama_dir):
     assert any(not torch.equal(got[n][1], wrapper.collapsed_lora()[n][1]) for n in got)
 
 
-def test_M_starts_near_identity_is_one_batched_call_and_learns_formats_apart(llama_dir):
+@pytest.mark.parametrize("design", CONFIG_MODELS)
+def test_M_starts_near_identity_is_one_batched_call_and_learns_formats_apart(llama_dir, design):
     s = get_scheme("gguf")
-    wrapper = wrap(llama_dir, s)
+    wrapper = wrap(llama_dir, s, config_model=design, choices=("Q4_0", "F16"))
     calls = []
     wrapper.config_model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
-    q8, f16 = ({m.name: fmt for m in wrapper.matrices} for fmt in ("Q8_0", "F16"))
+    q4, f16 = ({m.name: fmt for m in wrapper.matrices} for fmt in ("Q4_0", "F16"))
 
-    wrapper.set_config(q8)
+    wrapper.set_config(q4)
     assert calls == [len(wrapper.matrices)]
     assert (current_M(wrapper) - torch.eye(RANK)).abs().max() < 0.05
     wrapper(input_ids=IDS)
@@ -153,22 +165,23 @@ def test_M_starts_near_identity_is_one_batched_call_and_learns_formats_apart(lla
 
     optimizer = torch.optim.AdamW(wrapper.param_groups(0.01), lr=1e-2)
     for _ in range(3):
-        for config in (q8, f16):
+        for config in (q4, f16):
             wrapper.set_config(config)
             wrapper(input_ids=IDS, labels=IDS).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
-        wrapper.set_config(q8)
-        m_q8 = current_M(wrapper)
+        wrapper.set_config(q4)
+        m_q4 = current_M(wrapper)
         wrapper.set_config(f16)
         m_f16 = current_M(wrapper)
-    assert (m_q8 - m_f16).abs().amax(dim=(1, 2)).min() > 1e-3  # every matrix tells Q8_0 from F16
+    assert all(not torch.equal(a, b) for a, b in zip(m_q4, m_f16))  # every matrix tells Q4_0 from F16
 
 
-def test_gradients_reach_every_trained_parameter_and_no_base_weight(llama_dir):
+@pytest.mark.parametrize("design", CONFIG_MODELS)
+def test_gradients_reach_every_trained_parameter_and_no_base_weight(llama_dir, design):
     s = get_scheme("nf")
-    wrapper = wrap(llama_dir, s)
+    wrapper = wrap(llama_dir, s, config_model=design)
     randomize(wrapper)
     wrapper.set_config(mixed(wrapper, s.default_choices))
     wrapper(input_ids=IDS, labels=IDS).loss.backward()
@@ -176,25 +189,30 @@ def test_gradients_reach_every_trained_parameter_and_no_base_weight(llama_dir):
     trained = {n for n, p in named.items() if p.requires_grad}
     for name in trained:
         assert named[name].grad is not None and named[name].grad.abs().max() > 0, name
-    assert {f"config_model.embeddings.{f}.weight" for f in wrapper.config_model.vocabularies} <= trained
-    assert "config_model.sigma" in trained
+    if design == "mlp":
+        assert {f"config_model.embeddings.{f}.weight" for f in wrapper.config_model.vocabularies} <= trained
+        assert "config_model.sigma" in trained
+    else:  # the rows of this configuration's (matrix, format) pairs, and no other
+        rows = wrapper.config_model.encode([matrix_features(s, m, wrapper.config[m.name]) for m in wrapper.matrices])
+        touched = named["config_model.delta"].grad.abs().amax(dim=(1, 2)) > 0
+        assert touched.nonzero().flatten().tolist() == sorted(set(rows.tolist()))
     assert len(trained) == 2 * len(wrapper.matrices) + len(dict(wrapper.config_model.named_parameters()))
     assert all(p.grad is None for n, p in named.items() if n not in trained)
 
 
+@pytest.mark.parametrize("design", CONFIG_MODELS)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_layer_index_and_module_type_reach_the_configuration_model(tiny_model_dir, qwen2_dir, arch):
+def test_layer_index_and_module_type_reach_the_configuration_model(tiny_model_dir, qwen2_dir, arch, design):
     model_dir = qwen2_dir if arch == "qwen2" else tiny_model_dir(arch, layers=3)
     s = get_scheme("nf")
-    wrapper = wrap(model_dir, s)
+    wrapper = wrap(model_dir, s, config_model=design)
+    randomize(wrapper, params=list(wrapper.config_model.parameters()))  # the table starts at M = I everywhere
     seen = []
     wrapper.config_model.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
     config = {m.name: "nf4-s8-fp32-64x256" for m in wrapper.matrices}
     wrapper.set_config(config)
 
-    vocab = wrapper.config_model.vocabularies
-    columns = list(vocab)
-    decoded = [{f: vocab[f][i] for f, i in zip(columns, row.tolist())} for row in seen[0]]
+    decoded = decode(wrapper, seen[0])
     expected = find_matrices(load_model(str(model_dir)))
     assert [(d["layer"], d["module"]) for d in decoded] == [(m.layer, m.module) for m in expected]
     for m, d in zip(expected, decoded):
@@ -214,18 +232,19 @@ def test_layer_index_and_module_type_reach_the_configuration_model(tiny_model_di
         assert len(biased) == 3 * 2 and all(layer.base_layer.bias.abs().max() > 0 for layer in biased)
 
 
-def test_features_describe_the_stored_format_after_fallback(llama_dir):
+@pytest.mark.parametrize("design", CONFIG_MODELS)
+def test_features_describe_the_stored_format_after_fallback(llama_dir, design):
     s = get_scheme("gguf")
-    wrapper = wrap(llama_dir, s)
+    wrapper = wrap(llama_dir, s, config_model=design)
+    randomize(wrapper)
     seen = []
-    wrapper.config_model.register_forward_hook(lambda mod, args, out: seen.append(args[0][:, 0]))
+    wrapper.config_model.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
     stored = {}
     for choice in ("Q2_K", "Q3_K", "Q4_K"):  # rows of 64 cannot hold 256-blocks
         wrapper.set_config({m.name: choice for m in wrapper.matrices})
         stored[choice] = current_M(wrapper)
-    types = wrapper.config_model.vocabularies["format_type"]
-    assert [types[i] for i in seen[0].unique().tolist()] == ["Q4_0"]
-    assert [types[i] for i in seen[2].unique().tolist()] == ["Q5_0"]
+    assert {d["format_type"] for d in decode(wrapper, seen[0])} == {"Q4_0"}
+    assert {d["format_type"] for d in decode(wrapper, seen[2])} == {"Q5_0"}
     assert torch.equal(stored["Q2_K"], stored["Q3_K"])  # both are stored as Q4_0
     assert not torch.equal(stored["Q2_K"], stored["Q4_K"])
 
@@ -250,7 +269,10 @@ def test_shared_and_none_methods(llama_dir):
 
 
 def test_weight_decay_spares_sigma_embeddings_layernorm_and_biases(llama_dir):
-    wrapper = wrap(llama_dir, get_scheme("nf"))
+    table = wrap(llama_dir, get_scheme("nf"))
+    decayed = {id(p) for g in table.param_groups(0.05) if g["weight_decay"] for p in g["params"]}
+    assert id(table.config_model.delta) not in decayed  # decay would pull every M towards I
+    wrapper = wrap(llama_dir, get_scheme("nf"), config_model="mlp")
     decay, no_decay = wrapper.param_groups(0.05)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     names = {id(p): n for n, p in wrapper.named_parameters()}
@@ -381,3 +403,16 @@ def test_configuration_model_can_learn_at_its_own_rate(tiny_model_dir):
     assert sum(len(g["params"]) for g in groups) == len(wrapper.trainable_parameters())
     assert {g["weight_decay"] for g in groups} == {0.1, 0.0}
     assert all("lr" not in g for g in wrapper.param_groups(0.1))
+
+
+def test_table_holds_the_trained_formats_and_refuses_others(llama_dir):
+    s = get_scheme("onnx")
+    wrapper = wrap(llama_dir, s, choices=s.default_choices[:2])
+    assert wrapper.config_model.delta.shape == (len(wrapper.matrices) * 2, RANK, RANK)
+    wrapper.set_config(mixed(wrapper, s.default_choices[:2]))
+    assert torch.equal(current_M(wrapper), torch.eye(RANK).expand(len(wrapper.matrices), -1, -1))
+    other = {m.name: s.default_choices[-1] for m in wrapper.matrices}
+    with pytest.raises(CoaloraError, match="no entry for .*trained for other formats"):
+        wrapper.set_config(other)
+    with pytest.raises(CoaloraError, match="unknown configuration model 'cnn'; choose one of: table, mlp"):
+        wrap(llama_dir, s, config_model="cnn")
