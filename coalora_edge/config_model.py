@@ -7,7 +7,8 @@ call, ``decayed_parameters``), listed in :data:`CONFIG_MODELS`:
     One free ``(r, r)`` correction per (layer, module, stored format): ``M = I + T[key]``,
     starting at exactly I. The keys are every adapted matrix in every format the adapter
     is trained for (the ``choices``), so any configuration over those formats, seen in
-    training or not, has its M. A pair never met in training keeps M = I: the shared LoRA.
+    training or not, has its M. A pair never met in training, or a format outside the
+    choices, gets M = I: the shared LoRA part, the adapter's best guess without data.
 
 ``mlp``
     The paper's reference design (PAPER.md, "The model"): one embedding table per
@@ -142,19 +143,16 @@ class ConfigTable(nn.Module):
         self.delta = nn.Parameter(torch.zeros(len(self._index), rank, rank))
 
     def encode(self, rows: Sequence[Features]) -> torch.Tensor:
-        """Feature dicts -> table rows ``(n,)``, on the model's device."""
-        try:
-            index = [self._index[_key(row)] for row in rows]
-        except KeyError as e:
-            raise CoaloraError(
-                f"the configuration model has no entry for {dict(e.args[0])}: the adapter was trained for other "
-                "formats; use a configuration over the bundle's formats (`coalora-edge inspect BUNDLE`)"
-            ) from None
+        """Feature dicts -> table rows ``(n,)``, on the model's device; -1 for a (matrix,
+        format) the table does not hold (a format outside the trained ones)."""
+        index = [self._index.get(_key(row), -1) for row in rows]
         return torch.tensor(index, dtype=torch.long, device=self.delta.device)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        """Table rows ``(n,)`` -> M ``(n, r, r)``."""
-        return self.delta[index] + torch.eye(self.rank, device=self.delta.device, dtype=self.delta.dtype)
+        """Table rows ``(n,)`` -> M ``(n, r, r)``; row -1 gives M = I."""
+        held = (index >= 0).to(self.delta.dtype)[:, None, None]  # (n, 1, 1)
+        eye = torch.eye(self.rank, device=self.delta.device, dtype=self.delta.dtype)
+        return self.delta[index.clamp(min=0)] * held + eye
 
     def decayed_parameters(self) -> list[nn.Parameter]:
         """None: decaying T would pull every M towards I, i.e. towards the shared LoRA."""
