@@ -7,8 +7,8 @@ Same data, same validation blocks. For each scheme (onnx, nf) and budget (2.5 / 
     per-config  one ordinary LoRA trained for that configuration alone, S steps (one run per budget)
     shared      one ordinary LoRA trained on the whole ladder, 3 S steps, K = 2
     coa         one CoA-LoRA trained on the whole ladder, 3 S steps, K = 2 (one run for all budgets),
-                once per configuration-model design (--config-models: table, the default, and
-                mlp, the paper's network)
+                once per configuration-model design (--config-models: mlp, the paper's
+                network and the default, and table)
 
 The ladder contains the four budget configurations; "unseen" configurations (random
 perturbations of them, in no training set) show how CoA-LoRA generalises.
@@ -37,6 +37,7 @@ from rich.table import Table
 from transformers import AutoTokenizer
 
 from coalora_edge.adapter import CoALoRAModel
+from coalora_edge.config_model import CONFIG_MODELS
 from coalora_edge.data import load_blocks
 from coalora_edge.evaluate import lm_score
 from coalora_edge.models import load_model
@@ -52,7 +53,7 @@ TEXT = SHARED / "text" / "tinystories_dev.txt"
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
 
-def fresh(scheme, method: str, rank: int, seed: int, config_model: str = "table") -> CoALoRAModel:
+def fresh(scheme, method: str, rank: int, seed: int, config_model: str = CONFIG_MODELS[0]) -> CoALoRAModel:
     torch.manual_seed(seed)
     return CoALoRAModel(load_model(str(MODEL)), scheme, rank=rank, alpha=2 * rank, method=method,
                         config_model=config_model)
@@ -117,7 +118,7 @@ def run_scheme(name: str, args, blocks) -> dict:
         per_config += score(wrapper, [c])
     result["per-config"], result["seconds"]["per-config"] = per_config, seconds
 
-    runs = [("shared", "shared", "table")] + [(coa_name(d), "coa", d) for d in args.config_models.split(",")]
+    runs = [("shared", "shared", CONFIG_MODELS[0])] + [(coa_name(d), "coa", d) for d in args.config_models.split(",")]
     for name, method, design in runs:
         wrapper = fresh(scheme, method, args.rank, args.seed, design)
         result["seconds"][name] = train(wrapper, train_set, args.multiplier * args.steps)
@@ -127,7 +128,7 @@ def run_scheme(name: str, args, blocks) -> dict:
 
 def coa_name(design: str) -> str:
     """The default design reports as plain ``coa``."""
-    return "coa" if design == "table" else f"coa-{design}"
+    return "coa" if design == CONFIG_MODELS[0] else f"coa-{design}"
 
 
 def render(results: list[dict], console: Console) -> None:
@@ -154,7 +155,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--config-model-lr", type=float, default=None, help="coa: the configuration model's own lr")
-    ap.add_argument("--config-models", default="table,mlp", help="coa: the configuration-model designs to train, one run each")
+    ap.add_argument("--config-models", default="mlp,table", help="coa: the configuration-model designs to train, one run each")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)

@@ -65,7 +65,8 @@ def split_text(folder: Path, train_fraction: float = 0.85) -> tuple[Path, Path]:
 
 def train(method: str, search: str, data: Path, out: Path, seed: int, args) -> Bundle:
     settings = TrainSettings(method=method, steps=args.steps if method != "none" else 0, batch_size=args.batch_size,
-                             rank=args.rank, alpha=2 * args.rank, lr=args.lr, seed=seed, checkpoint_every=0)
+                             rank=args.rank, alpha=2 * args.rank, lr=args.lr, seed=seed, checkpoint_every=0,
+                             config_model=args.config_model)
     return run(TrainJob(model=str(MODEL), data=[str(data)], out=out, scheme="onnx", settings=settings,
                         search=SearchSettings(mode=search, rounds=args.rounds, candidates=args.candidates),
                         seq_len=args.seq_len, ladder_step=args.ladder_step, eval_blocks=args.eval_blocks,
@@ -149,15 +150,18 @@ def main() -> None:
     ap.add_argument("--test-blocks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (on a shared machine more threads only spin)")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
+    ap.add_argument("--config-model", default=TrainSettings.config_model, help="coa: the configuration model's design")
+    ap.add_argument("--runs", type=lambda v: [tuple(r.split("/")) for r in v.split(",")], default=RUNS,
+                    help="which runs, e.g. coa/ladder,coa/pareto (default: all five)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_ablation.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {f"{method} / {search}": [] for method, search in RUNS}
+    runs: dict[str, list[dict]] = {f"{method} / {search}": [] for method, search in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         train_text, test_text = split_text(Path(tmp))
         for seed in args.seeds:
-            for method, search in RUNS:
+            for method, search in args.runs:
                 name = f"{method} / {search}"
                 bundle = train(method, search, train_text, Path(tmp) / f"{method}-{search}-{seed}", seed, args)
                 runs[name].append(measure(bundle, test_text, args) | {"seed": seed})

@@ -269,7 +269,7 @@ def test_shared_and_none_methods(llama_dir):
 
 
 def test_weight_decay_spares_sigma_embeddings_layernorm_and_biases(llama_dir):
-    table = wrap(llama_dir, get_scheme("nf"))
+    table = wrap(llama_dir, get_scheme("nf"), config_model="table")
     decayed = {id(p) for g in table.param_groups(0.05) if g["weight_decay"] for p in g["params"]}
     assert id(table.config_model.delta) not in decayed  # decay would pull every M towards I
     wrapper = wrap(llama_dir, get_scheme("nf"), config_model="mlp")
@@ -407,7 +407,7 @@ def test_configuration_model_can_learn_at_its_own_rate(tiny_model_dir):
 
 def test_table_holds_the_trained_formats_and_gives_others_the_shared_lora(llama_dir):
     s = get_scheme("onnx")
-    wrapper = wrap(llama_dir, s, choices=s.default_choices[:2])
+    wrapper = wrap(llama_dir, s, config_model="table", choices=s.default_choices[:2])
     assert wrapper.config_model.delta.shape == (len(wrapper.matrices) * 2, RANK, RANK)
     eye = torch.eye(RANK).expand(len(wrapper.matrices), -1, -1)
     wrapper.set_config(mixed(wrapper, s.default_choices[:2]))
@@ -418,5 +418,5 @@ def test_table_holds_the_trained_formats_and_gives_others_the_shared_lora(llama_
     other = {m.name: s.default_choices[-1] for m in wrapper.matrices}  # a format the table does not hold
     wrapper.set_config(other)
     assert torch.equal(current_M(wrapper), eye)
-    with pytest.raises(CoaloraError, match="unknown configuration model 'cnn'; choose one of: table, mlp"):
+    with pytest.raises(CoaloraError, match="unknown configuration model 'cnn'; choose one of: mlp, table"):
         wrap(llama_dir, s, config_model="cnn")

@@ -18,26 +18,42 @@ from coalora_edge.training import TrainSettings
 
 @pytest.fixture(scope="module")
 def bundle_dir(tinystories_dir, tinystories_text, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "coa"
-    run(TrainJob(model=str(tinystories_dir), data=[str(tinystories_text)], out=out, scheme="gguf", seq_len=32,
-                 budgets=[4.5, 5.5, 8.5], eval_blocks=8, show_progress=False,
-                 settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2)))
-    return out
+    return _train(tinystories_dir, tinystories_text, tmp_path_factory.mktemp("bundles") / "coa")
 
 
 def copy(bundle_dir, tmp_path):
     return shutil.copytree(bundle_dir, tmp_path / "b")
 
 
-def test_restored_model_reproduces_the_recorded_validation_loss(bundle_dir, tinystories_text):
+def _train(model, text, out, **settings):
+    run(TrainJob(model=str(model), data=[str(text)], out=out, scheme="gguf", seq_len=32,
+                 budgets=[4.5, 5.5, 8.5], eval_blocks=8, show_progress=False,
+                 settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2, **settings)))
+    return out
+
+
+def _assert_restored_reproduces_recorded_losses(bundle_dir, text) -> None:
     bundle = load_bundle(bundle_dir)
     restored = restore(bundle)
-    blocks = load_blocks(restored.tokenizer, [str(tinystories_text)], 32, 0.1)
+    blocks = load_blocks(restored.tokenizer, [str(text)], 32, 0.1)
     pareto = bundle.read_json("pareto.json")
     for record, config in zip(pareto["evaluations"], bundle.configs()):
         restored.use(config)
         assert lm_score(restored.wrapper, blocks.valid[:8], 4).loss == pytest.approx(record["loss"], abs=1e-6)
-    assert bundle.manifest["adapter"]["imatrix"] is True  # gguf quantized with the importance matrix
+
+
+def test_restored_model_reproduces_the_recorded_validation_loss(bundle_dir, tinystories_text):
+    _assert_restored_reproduces_recorded_losses(bundle_dir, tinystories_text)
+    manifest = load_bundle(bundle_dir).manifest
+    assert manifest["adapter"]["imatrix"] is True  # gguf quantized with the importance matrix
+    assert manifest["adapter"]["config_model"] == "mlp"
+
+
+def test_a_table_configuration_model_round_trips(tinystories_dir, tinystories_text, tmp_path):
+    """The table's rows are rebuilt from the bundle's matrices and choices: same order, same Ms."""
+    out = _train(tinystories_dir, tinystories_text, tmp_path / "table", config_model="table")
+    assert load_bundle(out).manifest["adapter"]["config_model"] == "table"
+    _assert_restored_reproduces_recorded_losses(out, tinystories_text)
 
 
 def test_bpw_picks_the_best_known_configuration_under_the_budget(bundle_dir):

@@ -35,7 +35,7 @@ def train(
     rank: int = typer.Option(16, help="LoRA rank r."),
     alpha: float = typer.Option(32.0, help="LoRA alpha (scale alpha / r)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate."),
-    config_model: str = typer.Option("table", help="coa: the configuration model, table (one M per matrix and format) or mlp (the paper's network)."),
+    config_model: str = typer.Option("mlp", help="coa: the configuration model, mlp (the paper's network) or table (one M per matrix and format)."),
     config_model_lr: Optional[float] = typer.Option(None, help="coa: learning rate of the configuration model (default: --lr)."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (LoRA factors and configuration-model weights only)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (per configuration for per-config). Default: one epoch."),
