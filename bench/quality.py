@@ -16,6 +16,7 @@ perturbations of them, in no training set) show how CoA-LoRA generalises.
     scripts/env.sh python bench/quality.py                # full (about 20-40 min on 2 cores)
     scripts/env.sh python bench/quality.py --steps 20     # smoke run
     scripts/env.sh python bench/quality.py --ladder-range 9,9   # train on the four budgets only
+    scripts/env.sh python bench/quality.py --text-fraction 0.85 # validate on the tail of the first 85 %
 
 Prints tables and writes bench/results/quality.json.
 """
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,10 +168,18 @@ def main() -> None:
     ap.add_argument("--unseen", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--schemes", default="onnx,nf")
+    ap.add_argument("--text-fraction", type=float, default=1.0,
+                    help="use the first fraction of the text (its last 10 %% is the validation set)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    blocks = load_blocks(AutoTokenizer.from_pretrained(MODEL), [str(TEXT)], args.seq_len, 0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = TEXT.read_text()
+        if args.text_fraction < 1:  # the first --text-fraction, cut at a line end
+            text = text[: text.index("\n", int(len(text) * args.text_fraction))]
+        head = Path(tmp) / "text.txt"
+        head.write_text(text)
+        blocks = load_blocks(AutoTokenizer.from_pretrained(MODEL), [str(head)], args.seq_len, 0.1)
     results = [run_scheme(s, args, blocks) for s in args.schemes.split(",")]
     render(results, Console(width=140))
     args.out.parent.mkdir(parents=True, exist_ok=True)
