@@ -19,10 +19,11 @@ call, ``decayed_parameters``), listed in :data:`CONFIG_MODELS`:
 
 Why both (BENCHMARKS.md, "Configuration model"): each matrix's A and B span their own
 rank space, so an (r, r) output shared across matrices means something different for
-each, and the network's shared output layer moves every matrix's M at once. On
-TinyStories the table beat the network at 15 of 16 budgets of the quality benchmark
-(rank 16, 450 steps) but lost at every budget of the search ablation (rank 8, 200 steps
-through ``train``), so the paper's design stays the default until a larger model decides.
+each, and the network's shared output layer moves every matrix's M at once. But a table
+row learns only when its (matrix, format) pair is sampled. On TinyStories the table beat
+the network in most cells of the quality benchmark (rank 16, 450 steps) and lost at every
+budget of short runs over many configurations (rank 8, 200 steps, 29 configurations), so
+the paper's design stays the default until a larger model decides.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _key(row: Features) -> tuple:
 
 def build_config_model(kind: str, scheme: Scheme, matrices: Sequence[Matrix], choices: Sequence[str],
                        n_layers: int, rank: int) -> nn.Module:
-    """The configuration model ``kind`` (a key of :data:`CONFIG_MODELS`) for these matrices."""
+    """The configuration model ``kind`` (one of :data:`CONFIG_MODELS`) for these matrices."""
     if kind == "table":
         return ConfigTable([matrix_features(scheme, m, c) for m in matrices for c in choices], rank)
     if kind == "mlp":
