@@ -100,7 +100,8 @@ def run_scheme(name: str, args, blocks) -> dict:
 
     def train(wrapper, configs, steps):
         s = TrainSettings(method=wrapper.method, steps=steps, batch_size=args.batch_size, rank=args.rank,
-                          alpha=2 * args.rank, lr=args.lr, config_model_lr=args.config_model_lr, k_configs=args.k, seed=args.seed, checkpoint_every=0)
+                          alpha=2 * args.rank, lr=args.lr, config_model_lr=args.config_model_lr, k_configs=args.k,
+                          seed=args.seed, checkpoint_every=0)
         start = time.perf_counter()
         Trainer(wrapper, blocks, s, acc).train(configs)
         return time.perf_counter() - start

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from coalora_edge.cli.common import console, one_line_errors, print_json, split_list
+from coalora_edge.config_model import CONFIG_MODELS
 from coalora_edge.search.rounds import SearchSettings
 from coalora_edge.train_job import TrainJob, run
 from coalora_edge.training import TrainSettings
@@ -35,7 +36,7 @@ def train(
     rank: int = typer.Option(16, help="LoRA rank r."),
     alpha: float = typer.Option(32.0, help="LoRA alpha (scale alpha / r)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate."),
-    config_model: str = typer.Option("mlp", help="coa: the configuration model, mlp (the paper's network) or table (one M per matrix and format)."),
+    config_model: str = typer.Option(CONFIG_MODELS[0], help="coa: the configuration model, mlp (the paper's network) or table (one M per matrix and format)."),
     config_model_lr: Optional[float] = typer.Option(None, help="coa: learning rate of the configuration model (default: --lr)."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (LoRA factors and configuration-model weights only)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (per configuration for per-config). Default: one epoch."),
@@ -66,8 +67,8 @@ def train(
 ) -> None:
     """Train one configuration-aware adapter for every quantization configuration."""
     settings = TrainSettings(
-        method=method, objective=objective, rank=rank, alpha=alpha, lr=lr, config_model=config_model, config_model_lr=config_model_lr,
-        weight_decay=weight_decay,
+        method=method, objective=objective, rank=rank, alpha=alpha, lr=lr, config_model=config_model,
+        config_model_lr=config_model_lr, weight_decay=weight_decay,
         steps=steps if steps is not None else 0, batch_size=batch_size, k_configs=k_configs, seed=seed,
         checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
     )
