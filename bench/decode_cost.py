@@ -31,8 +31,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.bundle import load_bundle
-from coalora_edge.restore import restore
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle
 from coalora_edge.schemes.gguf import DEFAULT_CHOICES, OTHER_TYPES
 from gguf_export import SPEED_SIZES, TEXT, exported, fastest_rotation, model_with_tokenizer, train
 

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 from collections import Counter
 import tempfile
@@ -46,27 +45,25 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.bundle import load_bundle
-from coalora_edge.data import load_blocks
-from coalora_edge.evaluate import lm_score
-from coalora_edge.exporters import gguf as gguf_export
-from coalora_edge.exporters.perplexity import llamacpp_perplexity
-from coalora_edge.exporters.verify_llamacpp import Artifact, open_llama
-from coalora_edge.models import load_model
+from coalora_edge.bundle.lookup import evaluations
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle, train_bundle
+from coalora_edge.exporters.common.perplexity import llamacpp_perplexity
+from coalora_edge.exporters.gguf import export as gguf_export
+from coalora_edge.exporters.gguf.llamacpp import Artifact, open_llama
+from coalora_edge.model.evaluate import lm_score
+from coalora_edge.model.loading import load_model
 from coalora_edge.profiles import load_profile, validate_profile
-from coalora_edge.quantize import config_nbytes
-from coalora_edge.resolver import Resolver, predicted_decode_ratio
+from coalora_edge.resolve.resolver import Resolver, predicted_decode_ratio
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import best_config
-from coalora_edge.restore import evaluations, restore
-from coalora_edge.tiny import build_tiny_model
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search.knapsack import best_config
+from coalora_edge.training.data import load_blocks
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-TINYSTORIES = SHARED / "models" / "TinyStories-656K"
-TEXT = SHARED / "text" / "tinystories_dev.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from assets import TINYSTORIES, TINYSTORIES_TEXT as TEXT, tiny_model_with_tokenizer
+
 #: model -> (sizes for build_tiny_model, or None for TinyStories itself; budgets in bits per weight)
 QUALITY_MODELS = {
     "TinyStories-656K": (None, [4.5, 5.5, 8.5]),
@@ -87,10 +84,7 @@ PRETRAIN_BATCH = 8
 def model_with_tokenizer(root: Path, name: str, sizes: dict | None) -> Path:
     if sizes is None:
         return TINYSTORIES
-    path = build_tiny_model(root / name.replace(" ", "-"), "llama", vocab=2048, **sizes)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TINYSTORIES / f, path / f)
-    return path
+    return tiny_model_with_tokenizer(root / name.replace(" ", "-"), **sizes)
 
 
 def pretrain(model_dir: Path, steps: int, seq_len: int) -> float:
@@ -113,7 +107,7 @@ def pretrain(model_dir: Path, steps: int, seq_len: int) -> float:
 
 
 def train(model_dir: Path, out: Path, budgets: list[float], steps: int, seq_len: int, choices=None):
-    return run(TrainJob(model=str(model_dir), data=[str(TEXT)], out=out, scheme="gguf", seq_len=seq_len, budgets=budgets,
+    return train_bundle(TrainJob(model=str(model_dir), data=[str(TEXT)], out=out, scheme="gguf", seq_len=seq_len, budgets=budgets,
                         choices=choices, show_progress=False,
                         settings=TrainSettings(steps=steps, batch_size=8, rank=8, alpha=16, lr=2e-3)))
 

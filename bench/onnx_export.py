@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,27 +39,25 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.bundle import SENSITIVITY, Bundle, load_bundle
-from coalora_edge.data import load_blocks
-from coalora_edge.evaluate import lm_score
-from coalora_edge.exporters import ort
-from coalora_edge.exporters.onnx import MODEL_FILE, export
-from coalora_edge.exporters.onnx_graph import set_accuracy_level
-from coalora_edge.exporters.perplexity import onnx_perplexity
-from coalora_edge.models import load_model
-from coalora_edge.quantize import config_nbytes
-from coalora_edge.restore import restore
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import Bundle, SENSITIVITY, load_bundle, train_bundle
+from coalora_edge.exporters.common.perplexity import onnx_perplexity
+from coalora_edge.exporters.onnx import session as ort
+from coalora_edge.exporters.onnx.export import MODEL_FILE, export
+from coalora_edge.exporters.onnx.graph import set_accuracy_level
+from coalora_edge.model.evaluate import lm_score
+from coalora_edge.model.loading import load_model
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import Problem, best_config
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search.knapsack import best_config
+from coalora_edge.search.problem import Problem
 from coalora_edge.search.sensitivity import Sensitivity
-from coalora_edge.tiny import build_tiny_model
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.training.data import load_blocks
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-MODEL = SHARED / "models" / "TinyStories-656K"
-TEXT = SHARED / "text" / "tinystories_dev.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from assets import TINYSTORIES as MODEL, TINYSTORIES_TEXT as TEXT, tiny_model_with_tokenizer
+
 BUDGETS = (3.0, 4.5, 6.0)  # bits per weight of the adapted matrices
 SPEED_MODEL = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=2048, context=256)
 UNIFORM = "int4_b32_asym"
@@ -68,9 +65,9 @@ BASELINE = "uniform int4, level 4"
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 
-def train_bundle(model: Path, out: Path, steps: int, budgets=BUDGETS, seq_len: int = 128) -> Bundle:
+def make_bundle(model: Path, out: Path, steps: int, budgets=BUDGETS, seq_len: int = 128) -> Bundle:
     settings = TrainSettings(steps=steps, batch_size=8, rank=8, alpha=16, lr=2e-3)
-    run(TrainJob(model=str(model), data=[str(TEXT)], out=out, scheme="onnx", seq_len=seq_len, budgets=list(budgets),
+    train_bundle(TrainJob(model=str(model), data=[str(TEXT)], out=out, scheme="onnx", seq_len=seq_len, budgets=list(budgets),
                  eval_blocks=16, show_progress=False, settings=settings))
     return load_bundle(out)
 
@@ -85,7 +82,7 @@ def ort_perplexity(model_dir: Path, level: int, blocks: torch.Tensor) -> float:
 
 
 def quality(work: Path, steps: int, eval_blocks: int) -> list[dict]:
-    bundle = train_bundle(MODEL, work / "tinystories-bundle", steps)
+    bundle = make_bundle(MODEL, work / "tinystories-bundle", steps)
     restored = restore(bundle)
     blocks = load_blocks(restored.tokenizer, [str(TEXT)], 128, 0.1).valid[:eval_blocks]
     shapes = {m.name: m.shape for m in bundle.matrices}
@@ -113,10 +110,8 @@ def speed_models(work: Path) -> tuple[dict[str, Path], dict]:
     """Export folders of the speed model (fp32, uniform 4-bit, a same-size 2/4/8 mix) and sizes."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    model_dir = build_tiny_model(work / "llama-512", "llama", **SPEED_MODEL)
-    for name in TOKENIZER_FILES:
-        shutil.copy(MODEL / name, model_dir / name)
-    bundle = train_bundle(model_dir, work / "llama-512-bundle", steps=1, budgets=[4.5], seq_len=64)
+    model_dir = tiny_model_with_tokenizer(work / "llama-512", **SPEED_MODEL)
+    bundle = make_bundle(model_dir, work / "llama-512-bundle", steps=1, budgets=[4.5], seq_len=64)
     restored = restore(bundle)
     scheme = get_scheme("onnx")
     shapes = {m.name: m.shape for m in bundle.matrices}

@@ -38,20 +38,21 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from coalora_edge.adapter import CoALoRAModel
-from coalora_edge.config_model import CONFIG_MODELS
-from coalora_edge.data import load_blocks
-from coalora_edge.evaluate import lm_score
-from coalora_edge.models import load_model
-from coalora_edge.quantize import config_nbytes
+from coalora_edge.adapter.config_model import CONFIG_MODELS
+from coalora_edge.adapter.model import CoALoRAModel
+from coalora_edge.model.evaluate import lm_score
+from coalora_edge.model.loading import load_model
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import Problem, best_config, ladder
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search.knapsack import best_config
+from coalora_edge.search.ladder import ladder
+from coalora_edge.search.problem import Problem
 from coalora_edge.search.sensitivity import activation_sensitivity, collect_imatrix
-from coalora_edge.training import Trainer, TrainSettings
+from coalora_edge.training.data import load_blocks
+from coalora_edge.training.trainer import Trainer, TrainSettings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-MODEL = SHARED / "models" / "TinyStories-656K"
-TEXT = SHARED / "text" / "tinystories_dev.txt"
+from assets import TINYSTORIES as MODEL, TINYSTORIES_TEXT as TEXT
+
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
 

@@ -24,8 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.quantize import QuantCache
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.quantize import QuantCache
 
 #: formats timed uniformly per scheme: a low-bit and a high-bit one
 FORMATS = {

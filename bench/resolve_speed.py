@@ -35,15 +35,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.bundle import PARETO, SENSITIVITY, load_bundle, write_bundle
+from coalora_edge.bundle.store import PARETO, SENSITIVITY, load_bundle, write_bundle
 from coalora_edge.errors import BudgetError
-from coalora_edge.models import Matrix
+from coalora_edge.model.matrices import Matrix
+from coalora_edge.model.synthetic import tiny_config
 from coalora_edge.profiles import load_profile, validate_profile
-from coalora_edge.resolver import Resolver, resolve
+from coalora_edge.resolve.resolver import Resolver, resolve
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import Problem, ladder
+from coalora_edge.search.ladder import ladder
+from coalora_edge.search.problem import Problem
 from coalora_edge.search.sensitivity import Sensitivity
-from coalora_edge.tiny import tiny_config
 
 #: Llama-2-7B: hidden 4096, 32 layers, 32 heads (no GQA), MLP 11008, vocabulary 32000
 LLAMA_7B = dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, context=4096)

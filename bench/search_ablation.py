@@ -37,19 +37,19 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.bundle import Bundle
-from coalora_edge.data import load_blocks
+from coalora_edge.bundle.lookup import config_at_bpw, final_evaluations
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import Bundle, train_bundle
 from coalora_edge.errors import SchemeError
-from coalora_edge.evaluate import lm_score
-from coalora_edge.restore import config_at_bpw, restore
-from coalora_edge.search.pareto import Normalisation
+from coalora_edge.model.evaluate import lm_score
+from coalora_edge.search.front import Normalisation
 from coalora_edge.search.rounds import SearchSettings
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.training.data import load_blocks
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-MODEL = SHARED / "models" / "TinyStories-656K"
-TEXT = SHARED / "text" / "tinystories_dev.txt"
+from assets import TINYSTORIES as MODEL, TINYSTORIES_TEXT as TEXT
+
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 RUNS = [("coa", "none"), ("coa", "ladder"), ("coa", "pareto"), ("none", "ladder"), ("none", "pareto")]
 
@@ -67,7 +67,7 @@ def train(method: str, search: str, data: Path, out: Path, seed: int, args) -> B
     settings = TrainSettings(method=method, steps=args.steps if method != "none" else 0, batch_size=args.batch_size,
                              rank=args.rank, alpha=2 * args.rank, lr=args.lr, seed=seed, checkpoint_every=0,
                              config_model=args.config_model)
-    return run(TrainJob(model=str(MODEL), data=[str(data)], out=out, scheme="onnx", settings=settings,
+    return train_bundle(TrainJob(model=str(MODEL), data=[str(data)], out=out, scheme="onnx", settings=settings,
                         search=SearchSettings(mode=search, rounds=args.rounds, candidates=args.candidates),
                         seq_len=args.seq_len, ladder_step=args.ladder_step, eval_blocks=args.eval_blocks,
                         show_progress=False))
@@ -76,8 +76,7 @@ def train(method: str, search: str, data: Path, out: Path, seed: int, args) -> B
 def measure(bundle: Bundle, test_text: Path, args) -> dict:
     """Front and budget picks on validation (pareto.json) and on the held-out test text."""
     doc = bundle.read_json("pareto.json")
-    last = max(e["step"] for e in doc["evaluations"])
-    front = [e for e in doc["evaluations"] if e["step"] == last and e["front"]]
+    front = [e for e in final_evaluations(doc["evaluations"]) if e["front"]]
     restored = restore(bundle)
     test = load_blocks(restored.tokenizer, [str(test_text)], args.seq_len, 0.5)
     blocks = torch.cat([test.train, test.valid])[: args.test_blocks]
@@ -100,10 +99,10 @@ def measure(bundle: Bundle, test_text: Path, args) -> dict:
                             "test_perplexity": float(np.exp(loss))}
     with restored.wrapper.unquantized():
         unquantized_test = lm_score(restored.wrapper, blocks, args.batch_size).loss
-    training = bundle.manifest["training"]
+    training = bundle.manifest.training
     return {"front": front, "budgets": picks, "unquantized": {"valid": doc["unquantized"]["loss"], "test": unquantized_test},
-            "configs": training["configs"], "evaluated": training["evaluated"], "seconds": training["wall_seconds"],
-            "search_seconds": training["search_seconds"], "search_share": training["search_share"],
+            "configs": training.configs, "evaluated": training.evaluated, "seconds": training.wall_seconds,
+            "search_seconds": training.search_seconds, "search_share": training.search_share,
             "rounds": doc["search"]["rounds"]}
 
 

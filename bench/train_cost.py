@@ -33,14 +33,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from coalora_edge.adapter import CoALoRAModel
-from coalora_edge.models import load_model
+from coalora_edge.adapter.model import CoALoRAModel
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.synthetic import build_tiny_model
 from coalora_edge.schemes import get_scheme
-from coalora_edge.tiny import build_tiny_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-TINYSTORIES = SHARED / "models" / "TinyStories-656K"
-TEXT = SHARED / "text" / "tinystories_dev.txt"
+from assets import TINYSTORIES, TINYSTORIES_TEXT as TEXT
 
 
 def step_time(wrapper: CoALoRAModel, config: dict, ids: torch.Tensor) -> float:

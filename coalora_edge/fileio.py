@@ -15,17 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from coalora_edge.errors import CoaloraError
+from coalora_edge.errors import OutputExistsError, OutputLocationError
 
 HASH_CHUNK = 1 << 20
-
-
-class OutputExistsError(CoaloraError):
-    """The output already exists and the user did not ask to replace it."""
-
-
-class OutputLocationError(CoaloraError):
-    """The output cannot be created where the user asked (a parent is a file, no permission)."""
 
 
 def _umask() -> int:

@@ -24,9 +24,9 @@ from typing import Iterable, Mapping
 
 from safetensors import SafetensorError, safe_open
 
-from coalora_edge.errors import CoaloraError
+from coalora_edge.errors import CoaloraError, ResourceError
 from coalora_edge.fileio import existing_parent
-from coalora_edge.profiles import format_size, parse_size
+from coalora_edge.units import format_size, parse_size
 
 MEMORY_ENV = "COALORA_MEMORY_AVAILABLE"
 DISK_ENV = "COALORA_DISK_FREE"
@@ -41,10 +41,6 @@ LOGIT_COPIES = 3
 LAYER_ACTIVATIONS = 8
 #: per token and layer with --gradient-checkpointing: the layer input alone
 CHECKPOINTED_ACTIVATIONS = 1
-
-
-class ResourceError(CoaloraError):
-    """Not enough memory or disk for the job; says how much is needed and available."""
 
 
 @dataclass(frozen=True)

@@ -52,13 +52,15 @@ if [ ! -f "$venv/.complete" ]; then
     "$venv/bin/pip" wheel --quiet --no-deps "$LLAMA_SPEC" -w "$cache/wheels"
   fi
   "$venv/bin/pip" install --quiet --find-links "$cache/wheels" "$TORCH_SPEC" "$LLAMA_SPEC" -e "$here[test]"
-  echo "$here" >"$venv/.project"
+  echo "$here $(sha256sum "$here/pyproject.toml" | cut -c1-16)" >"$venv/.project"
   touch "$venv/.complete"
 fi
-# The environment is shared by clones: point its editable install at this checkout.
-if [ "$(cat "$venv/.project")" != "$here" ]; then
+# The environment is shared by clones: point its editable install at this checkout, and
+# redo it when the package layout changes (the editable finder maps package folders).
+project="$here $(sha256sum "$here/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$venv/.project")" != "$project" ]; then
   "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here"
-  echo "$here" >"$venv/.project"
+  echo "$project" >"$venv/.project"
 fi
 flock -u 9
 

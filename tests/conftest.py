@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coalora_edge.tiny import build_tiny_model
+from coalora_edge.model.synthetic import build_tiny_model
 
+OWN_TEXT_CHARS = 300_000
 SHARED = Path(os.environ.get("COALORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
@@ -33,6 +34,30 @@ def tinystories_text() -> Path:
 
 
 @pytest.fixture(scope="session")
+def own_text(tmp_path_factory) -> Path:
+    """English prose that needs no ../shared: docstrings of Python's standard library."""
+    from coalora_edge.demo.base_model import stdlib_corpus
+
+    path = tmp_path_factory.mktemp("own-text") / "stdlib-docstrings.txt"
+    path.write_text(stdlib_corpus()[:OWN_TEXT_CHARS])
+    return path
+
+
+@pytest.fixture(scope="session")
+def own_model(own_text, tmp_path_factory) -> Path:
+    """A Llama built by the session, with a tokenizer: TinyStories-656K's shapes (hidden 128,
+    2 layers, 8 heads, 4 KV heads, MLP 384) and a byte-fallback BPE, pretrained briefly on
+    ``own_text``. For the invariants that hold for any trained-from-text model."""
+    from coalora_edge.demo.base_model import DemoModelSpec, build
+
+    spec = DemoModelSpec(hidden=128, layers=2, heads=8, kv_heads=4, intermediate=384, vocab=512, seq_len=64,
+                         steps=30, batch_size=8, lr=3e-3)
+    folder = tmp_path_factory.mktemp("own-model") / "llama"
+    build(folder, spec, [str(own_text)])
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Build (once per session) a tiny model folder of the given architecture."""
     built: dict[tuple, Path] = {}
@@ -47,14 +72,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_bundle(tinystories_dir, tinystories_text, tmp_path_factory) -> Path:
-    """A valid TinyStories gguf bundle, trained for two steps (about 4 s): for tests that
-    only need some bundle (bad input, fuzzing), never for results."""
-    from coalora_edge.train_job import TrainJob, run
-    from coalora_edge.training import TrainSettings
+def small_bundle(own_model, own_text, tmp_path_factory) -> Path:
+    """A valid gguf bundle of ``own_model``, trained for two steps (about 4 s): for tests that
+    only need some bundle (bad input, fuzzing), never for results. Needs no ../shared."""
+    from coalora_edge.bundle.store import train_bundle
+    from coalora_edge.training.job import TrainJob
+    from coalora_edge.training.trainer import TrainSettings
 
     out = tmp_path_factory.mktemp("small-bundle") / "bundle"
-    run(TrainJob(model=str(tinystories_dir), data=[str(tinystories_text)], out=out, scheme="gguf", seq_len=32,
+    train_bundle(TrainJob(model=str(own_model), data=[str(own_text)], out=out, scheme="gguf", seq_len=32,
                  budgets=[4.5, 8.5], calib_blocks=4, eval_blocks=4, show_progress=False,
                  settings=TrainSettings(steps=2, batch_size=4, rank=4, alpha=8, lr=1e-2)))
     return out

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coalora_edge.adapter import CoALoRALinear, CoALoRAModel
-from coalora_edge.config_model import CONFIG_MODELS, ConfigTable, matrix_features
+from coalora_edge.adapter.config_model import CONFIG_MODELS, ConfigTable, matrix_features
+from coalora_edge.adapter.model import CoALoRALinear, CoALoRAModel
 from coalora_edge.errors import CoaloraError, ModelError, SchemeError
-from coalora_edge.models import find_matrices, load_model
-from coalora_edge.quantize import QuantCache
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.matrices import find_matrices
+from coalora_edge.model.synthetic import build_tiny_model
 from coalora_edge.schemes import get_scheme
-from coalora_edge.tiny import build_tiny_model
+from coalora_edge.schemes.quantize import QuantCache
 
 RANK, ALPHA = 4, 8.0
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -365,10 +366,10 @@ def test_adapting_a_subset_and_misuse(llama_dir):
 
 
 def test_unquantized_and_without_adapter_contexts(tiny_model_dir):
-    from coalora_edge.models import load_model
-    from coalora_edge.adapter import CoALoRAModel
+    from coalora_edge.model.loading import load_model
+    from coalora_edge.adapter.model import CoALoRAModel
     from coalora_edge.schemes import get_scheme
-    from coalora_edge.quantize import QuantCache
+    from coalora_edge.schemes.quantize import QuantCache
 
     path = str(tiny_model_dir("llama"))
     reference, model = load_model(path), load_model(path)

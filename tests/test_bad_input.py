@@ -26,8 +26,12 @@ from typer.testing import CliRunner
 
 from coalora_edge.cli import app
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: builds bundles and artifacts of every kind, runs the CLI in subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
+#: cases whose command line does not parse (click's usage errors): exit code 2, not 3
+USAGE = {"inspect-usage", "train-budget-not-number", "eval-zero-blocks", "eval-zero-batch", "export-accuracy-level-range",
+         "run-zero-tokens"}
 #: folder every case may write into; it must be unchanged after the case
 OUT = "{work}/out"
 
@@ -38,10 +42,11 @@ class Case:
     args: tuple[str, ...]
     message: str  # a fragment of the one error line
     native: bool  # reaches llama.cpp or ONNX Runtime with a damaged file: run in a process of its own
+    code: int  # the exit code (cli/common.py EXIT_CODES): 2 the command line does not parse, 3 bad input
 
 
-def case(id: str, *args: str, message: str, native: bool = False) -> Case:
-    return Case(id, args, message, native)
+def case(id: str, *args: str, message: str, native: bool = False, code: int | None = None) -> Case:
+    return Case(id, args, message, native, code if code is not None else 2 if id in USAGE else 3)
 
 
 # -- the bad inputs, built once --------------------------------------------------------------
@@ -50,7 +55,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _models(root: Path, tinystories: Path) -> dict[str, Path]:
+def _models(root: Path, base: Path) -> dict[str, Path]:
     """Folders that are no usable causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,9 +66,9 @@ def _models(root: Path, tinystories: Path) -> dict[str, Path]:
     (made["alien"] / "config.json").write_text(json.dumps({"model_type": "frobnicator-9000"}))
     (made["notjson"] / "config.json").write_text("{this is not json")
     (made["binconfig"] / "config.json").write_bytes(bytes(range(256)) * 4)
-    shutil.copy(tinystories / "config.json", made["noweights"])
+    shutil.copy(base / "config.json", made["noweights"])
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(tinystories / name, made["badweights"])
+        shutil.copy(base / name, made["badweights"])
     weights = made["badweights"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # GPT-2 is a causal LM, but built from Conv1D: nothing the adapter can wrap.
@@ -234,14 +239,14 @@ def _artifacts(root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tinystories_dir, tinystories_text, small_bundle, tiny_model_dir) -> dict[str, str]:
-    """Placeholder -> path for the case table."""
+def paths(tmp_path_factory, own_model, own_text, small_bundle, tiny_model_dir) -> dict[str, str]:
+    """Placeholder -> path for the case table: the session's own model and text (no ../shared)."""
     root = tmp_path_factory.mktemp("bad-input")
-    found: dict[str, Path] = {"model": tinystories_dir, "text": tinystories_text, "bundle": small_bundle,
+    found: dict[str, Path] = {"model": own_model, "text": own_text, "bundle": small_bundle,
                               "other_model": tiny_model_dir("llama"), "missing": root / "no" / "such" / "path",
                               "folder": root, "plain_folder": root / "plain-folder", "root": root}
     found["plain_folder"].mkdir()
-    for group, build in (("models", lambda r: _models(r, tinystories_dir)), ("data", _data), ("profiles", _profiles),
+    for group, build in (("models", lambda r: _models(r, own_model)), ("data", _data), ("profiles", _profiles),
                          ("bundles", lambda r: _bundles(r, small_bundle)), ("artifacts", _artifacts),
                          ("checkpoints", _checkpoints)):
         (root / group).mkdir()
@@ -306,7 +311,7 @@ CASES = [
     case("train-negative-steps", *train("--steps", "-5"), message="steps must be >= 0"),
     case("train-zero-batch", *train("--batch-size", "0"), message="batch size must be at least 1"),
     case("train-seq-len-1", *train("--seq-len", "1"), message="at least 2 tokens"),
-    case("train-huge-seq-len", *train("--seq-len", "100000000"), message="a smaller --batch-size or --seq-len"),
+    case("train-huge-seq-len", *train("--seq-len", "100000000"), message="a smaller --batch-size or --seq-len", code=6),
     case("train-negative-lr", *train("--lr", "-1"), message="learning rate must be positive"),
     case("train-zero-k", *train("--k", "0"), message="at least 1"),
     case("train-negative-eval-blocks", *train("--eval-blocks", "-1"), message="--eval-blocks must be at least 1"),
@@ -443,7 +448,7 @@ def check(c: Case, paths: dict[str, str], tmp_path: Path, runner) -> None:
     outcome = runner(args)
     lines = outcome.stderr.strip().splitlines()
     assert outcome.crashed is None, f"{c.id}: escaped {type(outcome.crashed).__name__}: {outcome.crashed}"
-    assert outcome.code == 2, f"{c.id}: exit code {outcome.code}, stderr {outcome.stderr!r}"
+    assert outcome.code == c.code, f"{c.id}: exit code {outcome.code}, stderr {outcome.stderr!r}"
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{c.id}: stderr {outcome.stderr!r}"
     assert "Traceback" not in outcome.stderr and c.message in lines[0], f"{c.id}: {lines[0]!r}"
     assert listing(work) == before, f"{c.id}: left output behind"
@@ -461,5 +466,5 @@ def test_existing_output_is_kept(paths, tmp_path):
     (out / "mine.txt").write_text("keep")
     for args in (train(), (*EXPORT, "--bpw", "9")):
         outcome = in_process(fill(args, paths, tmp_path / "work"))
-        assert outcome.code == 2 and "--force" in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
+        assert outcome.code == 3 and "--force" in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
         assert listing(out) == {"mine.txt": b"keep"}

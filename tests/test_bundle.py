@@ -6,19 +6,28 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from coalora_edge.bundle import BundleError, load_bundle
-from coalora_edge.data import load_blocks
-from coalora_edge.evaluate import lm_score
-from coalora_edge.restore import config_at_bpw, restore
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.bundle.lookup import config_at_bpw
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import BundleError, load_bundle, train_bundle
+from coalora_edge.model.evaluate import lm_score
+from coalora_edge.training.data import load_blocks
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tinystories_dir, tinystories_text, tmp_path_factory):
-    return _train(tinystories_dir, tinystories_text, tmp_path_factory.mktemp("bundles") / "coa")
+def bundle_dir(own_model, own_text, tmp_path_factory):
+    """A bundle of the session's own model: for the invariants (needs no ../shared)."""
+    return _train(own_model, own_text, tmp_path_factory.mktemp("bundles") / "coa")
+
+
+@pytest.fixture(scope="module")
+def ts_bundle_dir(tinystories_dir, tinystories_text, tmp_path_factory):
+    """A bundle of TinyStories-656K: for figures that need the real pretrained weights."""
+    return _train(tinystories_dir, tinystories_text, tmp_path_factory.mktemp("bundles") / "ts")
 
 
 def copy(bundle_dir, tmp_path):
@@ -26,7 +35,7 @@ def copy(bundle_dir, tmp_path):
 
 
 def _train(model, text, out, **settings):
-    run(TrainJob(model=str(model), data=[str(text)], out=out, scheme="gguf", seq_len=32,
+    train_bundle(TrainJob(model=str(model), data=[str(text)], out=out, scheme="gguf", seq_len=32,
                  budgets=[4.5, 5.5, 8.5], eval_blocks=8, show_progress=False,
                  settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2, **settings)))
     return out
@@ -42,18 +51,18 @@ def _assert_restored_reproduces_recorded_losses(bundle_dir, text) -> None:
         assert lm_score(restored.wrapper, blocks.valid[:8], 4).loss == pytest.approx(record["loss"], abs=1e-6)
 
 
-def test_restored_model_reproduces_the_recorded_validation_loss(bundle_dir, tinystories_text):
-    _assert_restored_reproduces_recorded_losses(bundle_dir, tinystories_text)
+def test_restored_model_reproduces_the_recorded_validation_loss(bundle_dir, own_text):
+    _assert_restored_reproduces_recorded_losses(bundle_dir, own_text)
     manifest = load_bundle(bundle_dir).manifest
-    assert manifest["adapter"]["imatrix"] is True  # gguf quantized with the importance matrix
-    assert manifest["adapter"]["config_model"] == "mlp"
+    assert manifest.adapter.imatrix is True  # gguf quantized with the importance matrix
+    assert manifest.adapter.config_model == "mlp"
 
 
-def test_a_table_configuration_model_round_trips(tinystories_dir, tinystories_text, tmp_path):
+def test_a_table_configuration_model_round_trips(own_model, own_text, tmp_path):
     """The table's rows are rebuilt from the bundle's matrices and choices: same order, same Ms."""
-    out = _train(tinystories_dir, tinystories_text, tmp_path / "table", config_model="table")
-    assert load_bundle(out).manifest["adapter"]["config_model"] == "table"
-    _assert_restored_reproduces_recorded_losses(out, tinystories_text)
+    out = _train(own_model, own_text, tmp_path / "table", config_model="table")
+    assert load_bundle(out).manifest.adapter.config_model == "table"
+    _assert_restored_reproduces_recorded_losses(out, own_text)
 
 
 def test_bpw_picks_the_best_known_configuration_under_the_budget(bundle_dir):
@@ -96,7 +105,9 @@ def eval_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_eval_cli(bundle_dir, tinystories_text, tmp_path):
+def test_eval_cli(ts_bundle_dir, tinystories_text, tmp_path):
+    # The perplexities are a quality figure: on the real pretrained model.
+    bundle_dir = ts_bundle_dir
     proc = eval_cli(bundle_dir, "--data", tinystories_text, "--bpw", "6", "--seq-len", "32", "--max-blocks", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -111,12 +122,13 @@ def test_eval_cli(bundle_dir, tinystories_text, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "{text}"], "exactly one of --bpw"),
+    (["--data", "{text}"], "pass --profile P, --config FILE or --bpw X"),
+    (["--data", "{text}", "--bpw", "9", "--config", "/c.json"], "at most one of --config FILE and --bpw X"),
     (["--data", "{text}", "--bpw", "1"], "no known configuration fits 1.0"),
     (["--data", "{text}", "--config", "/nonexistent.json"], "cannot read configuration file"),
     (["--data", "/nonexistent.txt", "--bpw", "9"], "not found"),
 ])
-def test_eval_bad_input(bundle_dir, tinystories_text, args, message):
-    proc = eval_cli(bundle_dir, *[a.format(text=tinystories_text) for a in args])
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_eval_bad_input(bundle_dir, own_text, args, message):
+    proc = eval_cli(bundle_dir, *[a.format(text=own_text) for a in args])
+    assert proc.returncode == 3 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

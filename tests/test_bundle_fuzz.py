@@ -21,14 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coalora_edge.bundle import CONFIGS, MANIFEST, PARETO, SENSITIVITY, load_bundle
+from coalora_edge.bundle.lookup import config_at_bpw
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import CONFIGS, MANIFEST, PARETO, SENSITIVITY, load_bundle
 from coalora_edge.cli.pareto import summary
 from coalora_edge.errors import CoaloraError
 from coalora_edge.profiles import load_profile
-from coalora_edge.resolver import resolve
-from coalora_edge.restore import config_at_bpw, restore
+from coalora_edge.resolve.resolver import resolve
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# slow: builds bundles and artifacts of every kind, runs the CLI in subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 JSON_FILES = (MANIFEST, CONFIGS, PARETO, SENSITIVITY)
 TENSOR_FILES = ("adapter.safetensors", "imatrix.safetensors")
@@ -97,18 +99,18 @@ def json_edit(draw, document: Any) -> Any:
 
 @SETTINGS
 @given(data=st.data(), name=st.sampled_from(JSON_FILES))
-def test_edited_json_files(workspace, tinystories_dir, data, name):
+def test_edited_json_files(workspace, own_model, data, name):
     bundle = workspace()
     document = json.loads((bundle / name).read_text())
     (bundle / name).write_text(json.dumps(data.draw(json_edit(document))))
     if name != MANIFEST:
         rehash(bundle, name)
-    survives(bundle, tinystories_dir)
+    survives(bundle, own_model)
 
 
 @SETTINGS
 @given(data=st.data(), name=st.sampled_from(JSON_FILES + TENSOR_FILES), forge=st.booleans())
-def test_damaged_bytes(workspace, tinystories_dir, data, name, forge):
+def test_damaged_bytes(workspace, own_model, data, name, forge):
     bundle = workspace()
     raw = bytearray((bundle / name).read_bytes())
     if data.draw(st.booleans(), label="truncate"):
@@ -119,7 +121,7 @@ def test_damaged_bytes(workspace, tinystories_dir, data, name, forge):
     (bundle / name).write_bytes(bytes(raw))
     if forge and name != MANIFEST:
         rehash(bundle, name)
-    survives(bundle, tinystories_dir)
+    survives(bundle, own_model)
 
 
 @st.composite
@@ -137,7 +139,7 @@ def retyped(draw, header: dict) -> dict:
 
 @SETTINGS
 @given(data=st.data(), name=st.sampled_from(TENSOR_FILES), lie=st.booleans())
-def test_edited_safetensors_headers(workspace, tinystories_dir, data, name, lie):
+def test_edited_safetensors_headers(workspace, own_model, data, name, lie):
     """Headers that break the format, or describe the data as other tensors."""
     bundle = workspace()
     raw = (bundle / name).read_bytes()
@@ -146,8 +148,8 @@ def test_edited_safetensors_headers(workspace, tinystories_dir, data, name, lie)
     edited = json.dumps(data.draw(retyped(header) if lie else json_edit(header))).encode()
     (bundle / name).write_bytes(struct.pack("<Q", len(edited)) + edited + raw[8 + length:])
     rehash(bundle, name)
-    survives(bundle, tinystories_dir)
+    survives(bundle, own_model)
 
 
-def test_the_unedited_bundle_is_used_without_error(small_bundle, tinystories_dir):
-    use(small_bundle, tinystories_dir)
+def test_the_unedited_bundle_is_used_without_error(small_bundle, own_model):
+    use(small_bundle, own_model)

@@ -3,18 +3,18 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from coalora_edge.data import load_blocks, read_source
 from coalora_edge.errors import DataError
+from coalora_edge.training.data import load_blocks, read_source
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tinystories_dir):
-    return AutoTokenizer.from_pretrained(tinystories_dir)
+def tokenizer(own_model):
+    return AutoTokenizer.from_pretrained(own_model)
 
 
-def test_text_file_blocks_and_tail_validation(tokenizer, tinystories_text):
-    blocks = load_blocks(tokenizer, [str(tinystories_text)], seq_len=64, valid_fraction=0.1)
-    stream = tokenizer(tinystories_text.read_text())["input_ids"]
+def test_text_file_blocks_and_tail_validation(tokenizer, own_text):
+    blocks = load_blocks(tokenizer, [str(own_text)], seq_len=64, valid_fraction=0.1)
+    stream = tokenizer(own_text.read_text())["input_ids"]
     n = len(stream) // 64
     assert blocks.train.shape == (n - round(n * 0.1), 64) and blocks.valid.shape == (round(n * 0.1), 64)
     # Blocks are the stream in order; validation is its tail, disjoint from training.

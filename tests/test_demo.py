@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from coalora_edge.demo import DEVICES, PLANS
-from coalora_edge.demo_model import model_folder
-from coalora_edge.exporters import gguf as gguf_exporter
-from coalora_edge.exporters import onnx as onnx_exporter
-from coalora_edge.fileio import OutputExistsError, build_in_place
+from coalora_edge.demo.base_model import model_folder
+from coalora_edge.demo.pipeline import DEVICES, PLANS
+from coalora_edge.errors import OutputExistsError
+from coalora_edge.exporters.gguf import export as gguf_exporter
+from coalora_edge.exporters.onnx import export as onnx_exporter
+from coalora_edge.fileio import build_in_place
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 THRESHOLDS = {"llama.cpp": (gguf_exporter.MAX_KL, gguf_exporter.MIN_TOP1),
               "onnxruntime": (onnx_exporter.MAX_KL, onnx_exporter.MIN_TOP1)}

@@ -2,9 +2,10 @@
 computes the trained configuration, tokenizes as transformers does; `export` and `run`.
 
 Tiny Llama and Qwen2 models have K-quant-sized matrices (256 / 768) and are exported with
-a mix of four ggml types. The Llama gets TinyStories' sentencepiece-style tokenizer, the
-Qwen2 a byte-level BPE with Qwen2's pre-tokenizer, trained here, so both of llama.cpp's
-vocabulary kinds are exercised end to end.
+a mix of four ggml types. The Llama gets own_model's sentencepiece-style tokenizer (byte
+fallback), the Qwen2 a byte-level BPE with Qwen2's pre-tokenizer, trained here on own_text,
+so both of llama.cpp's vocabulary kinds are exercised end to end without ../shared.
+TinyStories-656K itself goes through the command line at the end.
 """
 
 import json
@@ -16,20 +17,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from coalora_edge.bundle import load_bundle
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.cli import app
-from coalora_edge.exporters import gguf as gguf_export
-from coalora_edge.exporters.gguf_arch import Target, rope_row_order
-from coalora_edge.exporters.layout import base_tensors
-from coalora_edge.exporters.report import REPORT_FILE
-from coalora_edge.exporters.verify_llamacpp import Artifact, read_gguf, unencodable
-from coalora_edge.models import load_model
+from coalora_edge.exporters.common.report import REPORT_FILE
+from coalora_edge.exporters.gguf import export as gguf_export
+from coalora_edge.exporters.gguf.arch import Target, rope_row_order
+from coalora_edge.exporters.gguf.llamacpp import Artifact, read_gguf, unencodable
+from coalora_edge.model.loading import load_model
 from coalora_edge.profiles import load_profile
-from coalora_edge.resolver import resolve
-from coalora_edge.restore import restore
+from coalora_edge.resolve.non_adapted import base_tensors
+from coalora_edge.resolve.resolver import resolve
 from coalora_edge.schemes.gguf import FORMATS
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 MIXED = ("Q3_K", "Q4_K", "Q6_K", "Q8_0")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -49,8 +52,8 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def train_bundle(model_dir, out, text, budgets, choices=None):
-    return run(TrainJob(model=str(model_dir), data=[str(text)], out=out, scheme="gguf", seq_len=32, budgets=budgets,
+def make_bundle(model_dir, out, text, budgets, choices=None):
+    return train_bundle(TrainJob(model=str(model_dir), data=[str(text)], out=out, scheme="gguf", seq_len=32, budgets=budgets,
                         choices=choices, calib_blocks=4, eval_blocks=4, show_progress=False,
                         settings=TrainSettings(steps=2, batch_size=4, rank=4, alpha=8, lr=1e-2)))
 
@@ -74,23 +77,22 @@ def byte_level_tokenizer(lines, vocab_size):
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tiny_model_dir, tinystories_dir, tinystories_text, tmp_path_factory):
+def tiny_dirs(tiny_model_dir, own_model, own_text, tmp_path_factory):
     """arch -> a tiny model folder with a tokenizer (copies: the session's models stay bare)."""
     root = tmp_path_factory.mktemp("tiny-gguf")
-    dirs = {}
-    for arch in ("llama", "qwen2"):
-        dirs[arch] = shutil.copytree(tiny_model_dir(arch, hidden=256, intermediate=768, vocab=2048), root / arch)
+    dirs = {"llama": shutil.copytree(tiny_model_dir("llama", hidden=256, intermediate=768, vocab=512), root / "llama"),
+            "qwen2": shutil.copytree(tiny_model_dir("qwen2", hidden=256, intermediate=768, vocab=2048), root / "qwen2")}
     for name in TOKENIZER_FILES:
-        shutil.copy(tinystories_dir / name, dirs["llama"] / name)
-    lines = tinystories_text.read_text().splitlines()[:2000]
+        shutil.copy(own_model / name, dirs["llama"] / name)
+    lines = own_text.read_text().splitlines()[:2000]
     byte_level_tokenizer(lines, 2048).save_pretrained(dirs["qwen2"])
     return dirs
 
 
 @pytest.fixture(scope="module")
-def tiny_bundles(tiny_dirs, tinystories_text, tmp_path_factory):
+def tiny_bundles(tiny_dirs, own_text, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-gguf-bundles")
-    return {arch: train_bundle(d, root / arch, tinystories_text, [4.5], choices=list(MIXED)).path
+    return {arch: make_bundle(d, root / arch, own_text, [4.5], choices=list(MIXED)).path
             for arch, d in tiny_dirs.items()}
 
 
@@ -135,11 +137,11 @@ def test_export_verifies_in_llamacpp(exports, arch, mode):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
-def test_other_families_export(tiny_model_dir, tinystories_dir, tinystories_text, tmp_path, arch):
-    model_dir = shutil.copytree(tiny_model_dir(arch, hidden=256, intermediate=768, vocab=2048), tmp_path / arch)
+def test_other_families_export(tiny_model_dir, own_model, own_text, tmp_path, arch):
+    model_dir = shutil.copytree(tiny_model_dir(arch, hidden=256, intermediate=768, vocab=512), tmp_path / arch)
     for name in TOKENIZER_FILES:
-        shutil.copy(tinystories_dir / name, model_dir / name)
-    restored = restore(train_bundle(model_dir, tmp_path / "bundle", tinystories_text, [4.5], choices=list(MIXED)))
+        shutil.copy(own_model / name, model_dir / name)
+    restored = restore(make_bundle(model_dir, tmp_path / "bundle", own_text, [4.5], choices=list(MIXED)))
     config = {m.name: MIXED[i % len(MIXED)] for i, m in enumerate(restored.bundle.matrices)}
     report = gguf_export.export(restored, config, tmp_path / "out", adapter_mode="sidecar")
     assert report["verification"]["runtime_vs_artifact"]["kl"] < report["verification"]["adapter_effect_kl"] / 10
@@ -206,10 +208,10 @@ def vocab_only(exports):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_llamacpp_tokenizes_like_transformers(exports, vocab_only, tinystories_text, arch):
+def test_llamacpp_tokenizes_like_transformers(exports, vocab_only, own_text, arch):
     restored, _, out, _ = exports(arch, "merged")
     reader = read_gguf(out / "model.gguf")
-    text = [line for line in tinystories_text.read_text().splitlines() if line][-300:]
+    text = [line for line in own_text.read_text().splitlines() if line][-300:]
     lines = [line for line in text + TRICKY if not unencodable(reader, line)]
     assert len(lines) > 250
     llm, tokenizer = vocab_only[arch], restored.tokenizer
@@ -230,7 +232,8 @@ def test_vocabulary_metadata(exports):
     assert field(qwen2, "tokenizer.chat_template") == CHAT_TEMPLATE
     assert field(qwen2, "tokenizer.ggml.tokens")[2] == "<|im_end|>" and field(qwen2, "tokenizer.ggml.eos_token_id") == 2
     assert len(field(qwen2, "tokenizer.ggml.tokens")) == 2048  # padded to the embedding's rows
-    assert unencodable(llama, "café @home") == ["@", "é"] and unencodable(qwen2, "café @home") == []
+    # byte-level BPE spells anything (TinyStories' vocabulary cannot: test_unspellable_prompt_is_refused)
+    assert unencodable(qwen2, "café @home") == []
 
 
 def test_base_tensors_of_a_wrapped_model_are_the_plain_models(exports, tiny_dirs):
@@ -245,16 +248,22 @@ def test_base_tensors_of_a_wrapped_model_are_the_plain_models(exports, tiny_dirs
 
 @pytest.fixture(scope="module")
 def ts_bundle(tinystories_dir, tinystories_text, tmp_path_factory):
-    return train_bundle(tinystories_dir, tmp_path_factory.mktemp("ts-gguf") / "bundle", tinystories_text, [4.5, 8.5]).path
+    return make_bundle(tinystories_dir, tmp_path_factory.mktemp("ts-gguf") / "bundle", tinystories_text, [4.5, 8.5]).path
 
 
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_tinystories_exports_for_a_profile_and_generates(ts_bundle, tmp_path):
-    out = tmp_path / "ts"
-    result = cli("export", ts_bundle, "--profile", "tiny-demo-llamacpp", "--format", "gguf", "--out", out, "--json")
+@pytest.fixture(scope="module")
+def ts_export(ts_bundle, tmp_path_factory):
+    """TinyStories' bundle exported for the profile sized for it: (folder, the command's result)."""
+    out = tmp_path_factory.mktemp("ts-gguf-export") / "ts"
+    return out, cli("export", ts_bundle, "--profile", "tiny-demo-llamacpp", "--format", "gguf", "--out", out, "--json")
+
+
+def test_tinystories_exports_for_a_profile_and_generates(ts_bundle, ts_export):
+    out, result = ts_export
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     resolution = resolve(load_bundle(ts_bundle), load_profile("tiny-demo-llamacpp"))
@@ -281,10 +290,10 @@ def test_sidecar_run_applies_the_adapter(exports):
     assert Artifact.find(out / "model.gguf").adapter == out / "adapter.gguf"
 
 
-def test_a_failed_verification_leaves_nothing(ts_bundle, tmp_path, monkeypatch):
+def test_a_failed_verification_leaves_nothing(small_bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_export, "MAX_KL", -1.0)
-    result = cli("export", ts_bundle, "--bpw", "8.5", "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "failed verification" in result.stderr
+    result = cli("export", small_bundle, "--bpw", "8.5", "--out", tmp_path / "out")
+    assert result.exit_code == 4 and "failed verification" in result.stderr  # cli/common.py EXIT_CODES
     assert len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -300,13 +309,17 @@ def test_damaged_artifacts_are_one_line_errors(exports, tmp_path, damage, messag
     folder = shutil.copytree(exports("llama", "sidecar")[2], tmp_path / "a")
     damage(folder)
     result = cli("run", folder, "--prompt", "Once upon a time", "--max-tokens", "4")
-    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.exit_code == 3 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_unspellable_prompt_is_refused(exports):
-    result = cli("run", exports("llama", "merged")[2], "--prompt", "Once upon a café", "--max-tokens", "4")
-    assert result.exit_code == 2 and "cannot spell 'é'" in result.stderr
+def test_unspellable_prompt_is_refused(ts_export):
+    # TinyStories' vocabulary has no '@', no 'é' and no byte tokens to fall back on
+    out, exported = ts_export
+    assert exported.exit_code == 0, exported.output
+    assert unencodable(read_gguf(out / "model.gguf"), "café @home") == ["@", "é"]
+    result = cli("run", out, "--prompt", "Once upon a café", "--max-tokens", "4")
+    assert result.exit_code == 3 and "cannot spell 'é'" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -314,6 +327,6 @@ def test_unspellable_prompt_is_refused(exports):
     ([], "pass --profile P"),
     (["--bpw", "8.5", "--adapter-mode", "both"], "--adapter-mode must be one of"),
 ])
-def test_export_bad_options(ts_bundle, tmp_path, args, message):
-    result = cli("export", ts_bundle, "--out", tmp_path / "o", *args)
-    assert result.exit_code == 2 and message in result.stderr, result.output
+def test_export_bad_options(small_bundle, tmp_path, args, message):
+    result = cli("export", small_bundle, "--out", tmp_path / "o", *args)
+    assert result.exit_code == 3 and message in result.stderr, result.output

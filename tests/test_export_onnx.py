@@ -15,26 +15,27 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from coalora_edge.bundle import load_bundle
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.cli import app
-from coalora_edge.errors import ExportError, RuntimeLibraryError
-from coalora_edge.exporters import onnx as onnx_export
-from coalora_edge.exporters.layout import base_bytes
-from coalora_edge.exporters.onnx import DATA_FILE, MODEL_FILE, export, trained_logits, verify
-from coalora_edge.exporters.onnx_graph import MS_DOMAIN, NBITS_OP, initializer_bytes
-from coalora_edge.exporters.onnx_run import generate
-from coalora_edge.exporters.ort import open_session
-from coalora_edge.exporters.report import REPORT_FILE
-from coalora_edge.fileio import OutputExistsError
-from coalora_edge.memory import sidecar_bytes
+from coalora_edge.errors import ExportError, OutputExistsError
+from coalora_edge.exporters.common.report import REPORT_FILE
+from coalora_edge.exporters.onnx import export as onnx_export
+from coalora_edge.exporters.onnx.export import DATA_FILE, MODEL_FILE, export, trained_logits, verify
+from coalora_edge.exporters.onnx.generate import generate
+from coalora_edge.exporters.onnx.graph import MS_DOMAIN, NBITS_OP, initializer_bytes
+from coalora_edge.exporters.onnx.session import open_session
+from coalora_edge.model.synthetic import build_tiny_model
 from coalora_edge.profiles import load_profile
-from coalora_edge.quantize import config_nbytes
-from coalora_edge.resolver import resolve
-from coalora_edge.restore import restore
+from coalora_edge.resolve.memory import sidecar_bytes
+from coalora_edge.resolve.non_adapted import base_bytes
+from coalora_edge.resolve.resolver import resolve
 from coalora_edge.schemes.onnx import FORMATS
-from coalora_edge.tiny import build_tiny_model
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 #: every bit width, both symmetries, blocks from 16 to 256 (past K = 64: padded)
 MIX = ("int2_b16_sym", "int4_b32_asym", "int8_b64_sym", "int2_b128_asym", "int4_b256_sym", "int8_b16_asym")
@@ -56,11 +57,11 @@ def one_thread():
 
 
 def _tiny_model(path: Path, arch: str, tokenizer_dir: Path) -> Path:
-    """A tiny model with TinyStories' tokenizer (vocabulary 2048) whose norms and biases are
+    """A tiny model with own_model's tokenizer (vocabulary 512) whose norms and biases are
     random: initialised ones (all 1, all 0) would be deduplicated by the ONNX export."""
     from transformers import AutoModelForCausalLM
 
-    build_tiny_model(path, arch, vocab=2048, hidden=64, layers=2, heads=4, kv_heads=2)
+    build_tiny_model(path, arch, vocab=512, hidden=64, layers=2, heads=4, kv_heads=2)
     model = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -74,19 +75,30 @@ def _tiny_model(path: Path, arch: str, tokenizer_dir: Path) -> Path:
 
 
 def _train(model: Path, text: Path, out: Path) -> Path:
-    run(TrainJob(model=str(model), data=[str(text)], out=out, scheme="onnx", seq_len=32, budgets=[3.5, 6.0],
+    train_bundle(TrainJob(model=str(model), data=[str(text)], out=out, scheme="onnx", seq_len=32, budgets=[3.5, 6.0],
                  choices=list(CHOICES), eval_blocks=8, show_progress=False, settings=SETTINGS))
     return out
 
 
 @pytest.fixture(scope="module")
-def bundles(tinystories_dir, tinystories_text, tmp_path_factory) -> dict[str, Path]:
+def bundles(own_model, own_text, tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama and Qwen2 bundles with own_model's tokenizer, trained on own_text (no ../shared)."""
     root = tmp_path_factory.mktemp("onnx-export")
-    found = {"tinystories": _train(tinystories_dir, tinystories_text, root / "b-tinystories")}
+    found = {}
     for arch in ("llama", "qwen2"):
-        model = _tiny_model(root / arch, arch, tinystories_dir)
-        found[arch] = _train(model, tinystories_text, root / f"b-{arch}")
+        model = _tiny_model(root / arch, arch, own_model)
+        found[arch] = _train(model, own_text, root / f"b-{arch}")
     return found
+
+
+@pytest.fixture(scope="module")
+def ts_bundle(tinystories_dir, tinystories_text, tmp_path_factory) -> Path:
+    """TinyStories-656K's bundle: its tied embedding, its text and the profile sized for it."""
+    return _train(tinystories_dir, tinystories_text, tmp_path_factory.mktemp("onnx-export-ts") / "b-tinystories")
+
+
+def _bundle(request, arch: str) -> Path:
+    return request.getfixturevalue("ts_bundle") if arch == "tinystories" else request.getfixturevalue("bundles")[arch]
 
 
 def _mixed_config(restored) -> dict[str, str]:
@@ -125,8 +137,8 @@ def _runtime_initializer_bytes(model: Path, optimized: Path) -> int:
 
 @pytest.mark.parametrize("mode", ["merged", "sidecar"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "tinystories"])
-def test_matmulnbits_computes_with_the_trained_weights(bundles, tmp_path, arch, mode):
-    restored = restore(load_bundle(bundles[arch]))
+def test_matmulnbits_computes_with_the_trained_weights(request, tmp_path, arch, mode):
+    restored = restore(load_bundle(_bundle(request, arch)))
     config = _mixed_config(restored)
     report = export(restored, config, tmp_path / "out", adapter_mode=mode, threads=1)
     model = onnx.load(str(tmp_path / "out" / MODEL_FILE))
@@ -195,12 +207,12 @@ def test_a_failed_export_leaves_nothing_and_an_existing_one_is_kept(bundles, tmp
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_tinystories_generates_in_onnxruntime_as_in_pytorch(bundles, tmp_path, external):
+def test_tinystories_generates_in_onnxruntime_as_in_pytorch(ts_bundle, tmp_path, external):
     """Sidecar at level 0 is the trained model: optimum's generate gives PyTorch's greedy tokens."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    restored = restore(load_bundle(bundles["tinystories"]))
-    config = load_bundle(bundles["tinystories"]).configs()[-1]
+    restored = restore(load_bundle(ts_bundle))
+    config = load_bundle(ts_bundle).configs()[-1]
     out = tmp_path / "out"
     export(restored, config, out, adapter_mode="sidecar", accuracy_level=0, threads=1,
                 external_data_bytes=1000 if external else onnx_export.EXTERNAL_DATA_BYTES)
@@ -222,11 +234,11 @@ def cli(*args: object):
 
 def test_export_and_run_from_the_command_line(bundles, tmp_path):
     out = tmp_path / "tiny-demo"
-    done = cli("export", bundles["tinystories"], "--profile", "tiny-demo-onnx", "--format", "onnx", "--out", out, "--json")
+    done = cli("export", bundles["llama"], "--profile", "tiny-demo-onnx", "--format", "onnx", "--out", out, "--json")
     assert done.exit_code == 0, done.stderr
     report = json.loads(done.stdout)
     assert report == json.loads((out / REPORT_FILE).read_text())
-    resolution = resolve(load_bundle(bundles["tinystories"]), load_profile("tiny-demo-onnx"))
+    resolution = resolve(load_bundle(bundles["llama"]), load_profile("tiny-demo-onnx"))
     assert report["config"] == resolution.config and report["accuracy_level"] == 4
     assert report["sizes"]["matches"] and report["memory"]["fits"]
     memory = {k: report["memory"][k] for k in ("weights", "non_adapted", "sidecar")}
@@ -240,11 +252,11 @@ def test_export_and_run_from_the_command_line(bundles, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (out / MODEL_FILE).write_bytes(bytes(data))
     done = cli("run", out, "--prompt", "Once upon a time")
-    assert done.exit_code == 2 and done.stdout == ""
+    assert done.exit_code == 3 and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1 and "does not match its sha256" in done.stderr
 
 
 def test_a_file_onnxruntime_cannot_load_is_one_clear_error(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(b"not a protobuf")
-    with pytest.raises(RuntimeLibraryError, match="ONNX Runtime cannot load"):
+    with pytest.raises(ExportError, match="ONNX Runtime cannot load"):
         open_session(tmp_path / MODEL_FILE)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
 
 from coalora_edge.errors import BudgetError, SchemeError
-from coalora_edge.models import find_matrices, load_model
-from coalora_edge.quantize import config_nbytes
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.matrices import find_matrices
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import MAX_STATES, Problem, best_config, ladder, ladder_budgets
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search.knapsack import MAX_STATES, best_config
+from coalora_edge.search.ladder import ladder, ladder_budgets
+from coalora_edge.search.problem import Problem
 from coalora_edge.search.sensitivity import Sensitivity
 
 #: the two exact solvers: the Pareto program, and HiGHS on the core (a front of 0 states)
@@ -147,8 +149,8 @@ def test_an_allowed_list_that_leaves_a_matrix_nothing_is_refused():
         best_config(problem, int(problem.nbytes.sum()), {"c1", "c2"})
 
 
-def test_real_shapes_bytes_match_config_nbytes_and_fallbacks_deduplicate(tinystories_dir):
-    matrices = find_matrices(load_model(str(tinystories_dir)))
+def test_real_shapes_bytes_match_config_nbytes_and_fallbacks_deduplicate(own_model):
+    matrices = find_matrices(load_model(str(own_model)))  # TinyStories-656K's shapes
     shapes = {m.name: m.shape for m in matrices}
     scheme = get_scheme("gguf")
     rng = np.random.default_rng(8)
@@ -167,16 +169,10 @@ def test_real_shapes_bytes_match_config_nbytes_and_fallbacks_deduplicate(tinysto
     assert solutions[-1].nbytes == config_nbytes(scheme, shapes, dict.fromkeys(shapes, "Q8_0"))
 
 
-def test_one_budget_on_224_matrices_by_6_formats_is_fast():
+def test_every_budget_on_224_matrices_by_6_formats_is_proven_optimal():
+    # a Llama-7B-sized space; how fast it is solved is bench/resolve_speed.py's to measure
     problem = random_problem(np.random.default_rng(9), 224, 6)
     lo, hi = problem.byte_range(problem.mask())
-    budgets = np.linspace(lo, hi, 12).astype(int)[1:-1]
-    best_config(problem, int(budgets[0]))  # warm-up: imports, caches
-    times = []
-    for budget in budgets:
-        start = time.perf_counter()
+    for budget in np.linspace(lo, hi, 12).astype(int)[1:-1]:
         solution = best_config(problem, int(budget))
-        times.append(time.perf_counter() - start)
         assert solution.gap == 0.0 and solution.nbytes <= budget
-    print(f"best_config 224 x 6: median {1e3 * np.median(times):.1f} ms, max {1e3 * max(times):.1f} ms")
-    assert max(times) < 2.0  # generous: the measurement proper belongs to the benchmarks

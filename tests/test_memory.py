@@ -3,22 +3,26 @@ own numbers, and the fit/headroom arithmetic."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from transformers import AutoConfig
 
 from coalora_edge.errors import ModelError, ProfileError
-from coalora_edge.exporters.layout import base_bytes
-from coalora_edge.inspection import inspect_model
-from coalora_edge.memory import (
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.matrices import find_matrices
+from coalora_edge.profiles import load_profile, validate_profile
+from coalora_edge.resolve.memory import (
     ModelDims, estimate_memory, kv_cache_bytes, kv_cells, llamacpp_compute_bytes, onnxruntime_compute_bytes, sidecar_bytes,
 )
-from coalora_edge.models import find_matrices, load_model
-from coalora_edge.profiles import load_profile, validate_profile
+from coalora_edge.resolve.non_adapted import base_bytes
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.inspection import inspect_model
 
 TINYSTORIES = ModelDims(layers=2, heads=8, kv_heads=4, head_dim=16, hidden=128, intermediate=384, vocab=2048)
+#: the session's own model (conftest's own_model): TinyStories-656K's shapes, a 512 vocabulary
+OWN = dataclasses.replace(TINYSTORIES, vocab=512)
 #: the second model measured with llama.cpp below: 4 layers, head_dim 64, a 32000 vocabulary
 MID = ModelDims(layers=4, heads=16, kv_heads=4, head_dim=64, hidden=1024, intermediate=2816, vocab=32000)
 
@@ -35,6 +39,14 @@ def test_dims_from_the_real_config(tinystories_dir):
     as_json = json.loads((tinystories_dir / "config.json").read_text())
     assert ModelDims.from_config(as_json) == TINYSTORIES  # no head_dim key: hidden / heads = 16
     assert ModelDims.from_config(AutoConfig.from_pretrained(tinystories_dir)) == TINYSTORIES
+
+
+def test_dims_from_a_saved_config(own_model):
+    as_json = json.loads((own_model / "config.json").read_text())
+    assert ModelDims.from_config(as_json) == OWN
+    as_json.pop("head_dim", None)
+    assert ModelDims.from_config(as_json) == OWN  # without the key: hidden / heads = 16
+    assert ModelDims.from_config(AutoConfig.from_pretrained(own_model)) == OWN
 
 
 def test_dims_defaults_and_explicit_head_dim():
@@ -117,8 +129,8 @@ def test_onnxruntime_holds_two_caches_and_llamacpp_one():
 # -- side-car LoRA ---------------------------------------------------------------------------------
 
 
-def test_sidecar_bytes_by_hand(tinystories_dir):
-    shapes = [m.shape for m in find_matrices(load_model(str(tinystories_dir)))]
+def test_sidecar_bytes_by_hand(own_model):
+    shapes = [m.shape for m in find_matrices(load_model(str(own_model)))]  # TinyStories-656K's
     # per layer: q 128x128, k 64x128, v 64x128, o 128x128, gate/up 384x128, down 128x384
     per_layer = (128 + 128) + 2 * (64 + 128) + (128 + 128) + 2 * (384 + 128) + (128 + 384)
     assert sidecar_bytes(shapes, rank=8) == 2 * per_layer * 8 * 4 == 155648

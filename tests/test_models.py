@@ -5,8 +5,9 @@ import torch
 from transformers import AutoTokenizer
 
 from coalora_edge.errors import ModelError
-from coalora_edge.models import find_matrices, load_model, module_type
-from coalora_edge.tiny import ARCH_EXTRAS
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.matrices import find_matrices, module_type
+from coalora_edge.model.synthetic import ARCH_EXTRAS
 
 CANONICAL = {"q", "k", "v", "o", "gate", "up", "down"}
 
@@ -23,8 +24,8 @@ def test_tinystories_loads_with_its_tied_embedding_and_predicts_text(tinystories
     assert torch.exp(loss) < 60
 
 
-def test_tinystories_matrices(tinystories_dir):
-    matrices = find_matrices(load_model(str(tinystories_dir)))
+def test_matrices_of_tinystories_shapes(own_model):
+    matrices = find_matrices(load_model(str(own_model)))  # TinyStories-656K's shapes, untied embeddings
     assert [m.layer for m in matrices] == [0] * 7 + [1] * 7
     assert {m.module for m in matrices} == CANONICAL
     shapes = {m.module: m.shape for m in matrices if m.layer == 1}

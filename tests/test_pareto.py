@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from coalora_edge.bundle import load_bundle
+from coalora_edge.bundle.lookup import config_at_bpw
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.errors import CoaloraError
-from coalora_edge.quantize import config_nbytes
-from coalora_edge.restore import config_at_bpw, restore
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.pareto import Normalisation, front_mask, hypervolume_2d, segmented_front
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search.front import Normalisation, front_mask, hypervolume_2d, segmented_front
 from coalora_edge.search.rounds import SearchSettings
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import Trainer, TrainSettings
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import Trainer, TrainSettings
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 
 def test_front_flags_hand_made_points():
@@ -80,9 +83,9 @@ def search_job(model, text, out, **changes) -> TrainJob:
 
 
 @pytest.fixture(scope="module")
-def searched(tinystories_dir, tinystories_text, tmp_path_factory):
+def searched(own_model, own_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("pareto") / "b"
-    run(search_job(tinystories_dir, tinystories_text, out))
+    train_bundle(search_job(own_model, own_text, out))
     return out
 
 
@@ -111,26 +114,25 @@ def test_search_records_every_configuration_it_measured(searched):
     norm = Normalisation(tuple(hv["lo"]), tuple(hv["hi"]))
     assert hv["value"] == pytest.approx(norm.hypervolume(np.array([[r["bits_per_weight"], r["loss"]] for r in final])))
     assert hv["reference_point"] == [1.1, 1.1]
-    training = bundle.manifest["training"]
-    assert training["search"]["mode"] == "pareto" and 0 < training["search_share"] < 1
+    training = bundle.manifest.training
+    assert training.search.mode == "pareto" and 0 < training.search_share < 1
 
 
-def test_recorded_losses_are_the_final_adapter_on_the_fixed_blocks(searched, tinystories_text):
-    from coalora_edge.data import load_blocks
-    from coalora_edge.evaluate import lm_score
+def test_recorded_losses_are_the_final_adapter_on_the_fixed_blocks(searched, own_text):
+    from coalora_edge.training.data import load_blocks
+    from coalora_edge.model.evaluate import lm_score
 
     bundle = load_bundle(searched)
     restored = restore(bundle)
-    valid = load_blocks(restored.tokenizer, [str(tinystories_text)], 32, 0.1).valid[:4]
+    valid = load_blocks(restored.tokenizer, [str(own_text)], 32, 0.1).valid[:4]
     config, record = config_at_bpw(bundle, 4.0)
     assert record["front"] and record["step"] == 2
     restored.use(config)
     assert lm_score(restored.wrapper, valid, 4).loss == pytest.approx(record["loss"], abs=1e-6)
 
 
-def test_a_killed_search_run_resumes_to_the_same_bundle(searched, tinystories_dir, tinystories_text, tmp_path,
-                                                       monkeypatch):
-    job = search_job(tinystories_dir, tinystories_text, tmp_path / "b",
+def test_a_killed_search_run_resumes_to_the_same_bundle(searched, own_model, own_text, tmp_path, monkeypatch):
+    job = search_job(own_model, own_text, tmp_path / "b",
                      settings=TrainSettings(steps=2, batch_size=4, rank=4, alpha=8, lr=1e-2, checkpoint_every=1))
     real_step = Trainer.step
 
@@ -141,12 +143,12 @@ def test_a_killed_search_run_resumes_to_the_same_bundle(searched, tinystories_di
 
     monkeypatch.setattr(Trainer, "step", dies_at_step_2)
     with pytest.raises(KeyboardInterrupt):
-        run(job)
+        train_bundle(job)
     monkeypatch.setattr(Trainer, "step", real_step)
     assert json.loads((job.checkpoint_dir / "state.json").read_text())["search"]["rounds"][0]["step"] == 1
     with pytest.raises(CoaloraError, match="made with the Pareto search"):
-        run(replace(job, resume=True, search=SearchSettings(mode="ladder")))
-    run(replace(job, resume=True))
+        train_bundle(replace(job, resume=True, search=SearchSettings(mode="ladder")))
+    train_bundle(replace(job, resume=True))
     a, b = load_bundle(searched), load_bundle(job.out)
     assert a.evaluated() == b.evaluated() and a.configs() == b.configs()
     assert a.read_json("pareto.json")["evaluations"] == b.read_json("pareto.json")["evaluations"]
@@ -178,5 +180,5 @@ def test_pareto_cli_json_and_plot(searched, tmp_path):
 ])
 def test_pareto_cli_bad_input_is_one_line(searched, tmp_path, args, message):
     proc = pareto_cli(*[a.format(tmp=tmp_path, bundle=searched) for a in args])
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

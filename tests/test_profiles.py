@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coalora_edge.errors import ProfileError
-from coalora_edge.profiles import (
-    DeviceProfile, format_size, load_profile, parse_profile, parse_size, shipped_names, validate_profile,
-)
+from coalora_edge.profiles import DeviceProfile, load_profile, parse_profile, shipped_names, validate_profile
+from coalora_edge.units import format_size, parse_size
 
 REQUIRED = {
     "raspberry-pi-5-8gb", "raspberry-pi-4-4gb", "jetson-orin-nano-8gb", "android-midrange-8gb", "iphone-6gb",
@@ -285,6 +284,7 @@ def test_fuzz_near_valid_profiles(data):
 # -- the CLI, as users run it ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_list_json():
     proc = run_cli("profiles", "list", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -294,18 +294,21 @@ def test_cli_list_json():
     assert listed["copilot-plus-npu-16gb"]["allowed_formats"] == ["int4_*", "int8_*"]
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_list_table():
     proc = run_cli("profiles", "list")
     assert proc.returncode == 0, proc.stderr
     assert "raspberry-pi-5-8gb" in proc.stdout and "int4_*" in proc.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_show_shipped():
     proc = run_cli("profiles", "show", "raspberry-pi-5-8gb")
     assert proc.returncode == 0, proc.stderr
     assert "8 GiB" in proc.stdout and "llama.cpp" in proc.stdout and "6.50 GiB" in proc.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_show_users_file_round_trips(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(with_line("allowed_formats", "[Q4_K, Q8_0]"))
@@ -317,6 +320,7 @@ def test_cli_show_users_file_round_trips(tmp_path):
     assert validate_profile(shown, "shown.json") == load_profile(path)
 
 
+@pytest.mark.slow  # a CLI subprocess
 @pytest.mark.parametrize("arg, message", [
     ("raspberry-pi-5", "did you mean raspberry-pi-5-8gb?"),
     ("{bad}", "field `memory_bytes`: must be a size like 8GiB"),
@@ -325,6 +329,6 @@ def test_cli_bad_profile_is_one_line_and_nonzero(tmp_path, arg, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(with_line("memory_bytes", "lots"))
     proc = run_cli("profiles", "show", arg.format(bad=bad))
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

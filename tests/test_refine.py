@@ -10,26 +10,26 @@ import pytest
 import torch
 
 from coalora_edge.errors import CoaloraError
-from coalora_edge.evaluate import LMScore
-from coalora_edge.quantize import config_nbytes
+from coalora_edge.model.evaluate import LMScore
 from coalora_edge.schemes import get_scheme
-from coalora_edge.search.ladder import Problem
-from coalora_edge.search.pareto import Normalisation, front_mask, hypervolume_2d
-from coalora_edge.search import refine, rounds as rounds_module
-from coalora_edge.search.refine import Space, acquisition, fit_loss_model, local_search
+from coalora_edge.schemes.quantize import config_nbytes
+from coalora_edge.search import rounds as rounds_module, surrogate as refine
+from coalora_edge.search.front import Normalisation, front_mask, hypervolume_2d
+from coalora_edge.search.problem import Problem
 from coalora_edge.search.rounds import ConfigSearch, SearchSettings, uniform_configs
 from coalora_edge.search.sensitivity import Sensitivity
+from coalora_edge.search.surrogate import LevelSpace, acquisition, fit_loss_model, local_search
 
 # TinyStories-656K's shapes: rows of 128 and 384 (K-quants need 256: llama.cpp falls back)
 SHAPES = {"q": (128, 128), "o": (128, 128), "up": (384, 128), "down": (128, 384), "k": (64, 128)}
 
 
-def real_space(scheme_name: str) -> tuple[Space, Problem]:
+def real_space(scheme_name: str) -> tuple[LevelSpace, Problem]:
     scheme = get_scheme(scheme_name)
     choices = scheme.choices()
     cost = np.random.default_rng(0).uniform(1, 2, (len(SHAPES), len(choices)))
     problem = Problem.build(scheme, SHAPES, Sensitivity("activation", tuple(SHAPES), choices, cost))
-    return Space.from_problem(problem), problem
+    return LevelSpace.from_problem(problem), problem
 
 
 @pytest.mark.parametrize("scheme_name", ["gguf", "onnx"])
@@ -93,7 +93,7 @@ def synthetic():
     nbytes = (numel[:, None] * BITS[None] / 8).astype(np.int64)
     cost = (np.exp(rng.normal(0, 1.5, M)) * numel / numel.mean())[:, None] * 4.0 ** (2 - BITS[None])
     problem = Problem(tuple(f"m{i}" for i in range(M)), tuple(f"q{b:g}" for b in BITS), nbytes, cost, numel)
-    space = Space.from_problem(problem)
+    space = LevelSpace.from_problem(problem)
 
     def measure(config):
         loss = 2.0 + cost[np.arange(M), list(space.encode(config))].sum()

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from coalora_edge.errors import DataError
-from coalora_edge.models import find_matrices, load_model
-from coalora_edge.quantize import QuantCache
+from coalora_edge.model.loading import load_model
+from coalora_edge.model.matrices import find_matrices
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.quantize import QuantCache
 from coalora_edge.search.sensitivity import (
     Sensitivity,
     activation_sensitivity,
@@ -53,11 +54,16 @@ def tiny(tiny_model_dir):
     return model, batches, collect_imatrix(model, batches)
 
 
-@pytest.fixture(scope="module")
-def tinystories(tinystories_dir, tinystories_text):
-    model = load_model(str(tinystories_dir))
-    tok = AutoTokenizer.from_pretrained(tinystories_dir)
-    ids = tok(tinystories_text.read_text()[:20000], return_tensors="pt").input_ids[0, : 8 * 128]
+@pytest.fixture(scope="module", params=["own", "tinystories"])
+def trained(request):
+    """A model trained on text and its importance matrix: the session's own model of
+    TinyStories-656K's shapes (needs no ../shared), and TinyStories-656K itself."""
+    model_dir, text = ((request.getfixturevalue("own_model"), request.getfixturevalue("own_text"))
+                       if request.param == "own" else
+                       (request.getfixturevalue("tinystories_dir"), request.getfixturevalue("tinystories_text")))
+    model = load_model(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text.read_text()[:20000], return_tensors="pt").input_ids[0, : 8 * 128]
     batches = list(ids.view(2, 4, 128))  # two batches of 4 x 128 real tokens
     return model, collect_imatrix(model, batches)
 
@@ -149,8 +155,8 @@ def test_fisher_is_the_mean_squared_gradient_and_nonnegative(tiny):
 
 
 @pytest.mark.parametrize("scheme_name", sorted(FAMILIES))
-def test_more_bits_less_sensitivity_on_tinystories(tinystories, scheme_name):
-    model, imatrix = tinystories
+def test_more_bits_less_sensitivity_on_a_trained_model(trained, scheme_name):
+    model, imatrix = trained
     cache = QuantCache(get_scheme(scheme_name), weights_of(model), imatrix.values)
     cost = activation_sensitivity(cache, imatrix, FAMILIES[scheme_name]).cost  # (14, 3)
     assert np.isfinite(cost).all() and (cost > 0).all()

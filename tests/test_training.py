@@ -6,14 +6,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from coalora_edge.training import TrainSettings, batch_indices, distill_loss, sample_configs
 from coalora_edge.errors import CoaloraError
+from coalora_edge.training.trainer import TrainSettings, batch_indices, distill_loss, sample_configs
+
+pytestmark = pytest.mark.slow  # trains bundles or runs the CLI in subprocesses: `make test` only
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--rank", "4", "--lr", "1e-2", "--budgets", "3,4"]
 
@@ -50,9 +51,9 @@ def test_bad_settings_name_the_fix():
 
 
 @pytest.mark.parametrize("method", ["coa", "shared", "per-config", "none"])
-def test_methods_write_bundles(tinystories_dir, tinystories_text, tmp_path, method):
+def test_methods_write_bundles(own_model, own_text, tmp_path, method):
     out = tmp_path / "b"
-    proc = train_cli(tinystories_dir, tinystories_text, out, "--method", method, "--steps", "3")
+    proc = train_cli(own_model, own_text, out, "--method", method, "--steps", "3")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     state = load_file(out / "adapter.safetensors")
@@ -71,6 +72,7 @@ def test_methods_write_bundles(tinystories_dir, tinystories_text, tmp_path, meth
 
 
 def test_training_reduces_the_loss_of_the_quantized_model(tinystories_dir, tinystories_text, tmp_path):
+    # A quality figure: on the real pretrained model.
     none = train_cli(tinystories_dir, tinystories_text, tmp_path / "none", "--method", "none")
     coa = train_cli(tinystories_dir, tinystories_text, tmp_path / "coa", "--steps", "25", "--objective", "distill")
     assert none.returncode == coa.returncode == 0, coa.stderr
@@ -79,13 +81,13 @@ def test_training_reduces_the_loss_of_the_quantized_model(tinystories_dir, tinys
     assert all(after[c] < before[c] for c in before), (before, after)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tinystories_dir, tinystories_text, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(own_model, own_text, tmp_path):
     opts = ["--steps", "8", "--checkpoint-every", "2"]
-    straight = train_cli(tinystories_dir, tinystories_text, tmp_path / "straight", *opts)
+    straight = train_cli(own_model, own_text, tmp_path / "straight", *opts)
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "coalora_edge", "train", str(tinystories_dir), "--data", str(tinystories_text),
+    args = [sys.executable, "-m", "coalora_edge", "train", str(own_model), "--data", str(own_text),
             "--out", str(out), "--scheme", "onnx", "--json", *FAST, *opts]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out.with_name("killed.checkpoint") / "state.json"
@@ -97,7 +99,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tinystories_dir, tinyst
     proc.wait()
     assert not out.exists(), "a killed run must not leave a bundle"
 
-    resumed = train_cli(tinystories_dir, tinystories_text, out, *opts, "--resume")
+    resumed = train_cli(own_model, own_text, out, *opts, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(tmp_path / "straight" / "adapter.safetensors"), load_file(out / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -106,24 +108,24 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tinystories_dir, tinyst
     assert ha == hb
 
 
-def test_existing_bundle_is_not_overwritten_without_force(tinystories_dir, tinystories_text, tmp_path):
+def test_existing_bundle_is_not_overwritten_without_force(own_model, own_text, tmp_path):
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = train_cli(tinystories_dir, tinystories_text, out, "--steps", "1")
-    assert proc.returncode == 2 and "--force" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = train_cli(own_model, own_text, out, "--steps", "1")
+    assert proc.returncode == 3 and "--force" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_two_process_ddp_matches_one_process(tinystories_dir, tinystories_text, tmp_path):
+def test_two_process_ddp_matches_one_process(own_model, own_text, tmp_path):
     pytest.importorskip("accelerate")
-    single = train_cli(tinystories_dir, tinystories_text, tmp_path / "one", "--steps", "3", "--device", "cpu")
+    single = train_cli(own_model, own_text, tmp_path / "one", "--steps", "3", "--device", "cpu")
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # --multi_gpu selects accelerate's torchrun launcher; --device cpu then makes it gloo on CPUs.
     args = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "coalora_edge", "train", str(tinystories_dir),
-            "--data", str(tinystories_text), "--out", str(tmp_path / "two"), "--scheme", "onnx", "--json", *FAST,
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "coalora_edge", "train", str(own_model),
+            "--data", str(own_text), "--out", str(tmp_path / "two"), "--scheme", "onnx", "--json", *FAST,
             "--steps", "3", "--device", "cpu"]
     ddp = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -137,7 +139,7 @@ def test_two_process_ddp_matches_one_process(tinystories_dir, tinystories_text, 
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_two_process_ddp_runs_the_pareto_search(tinystories_dir, tinystories_text, tmp_path):
+def test_two_process_ddp_runs_the_pareto_search(own_model, own_text, tmp_path):
     """The search runs on the main process and broadcasts the new training set. Its first
     round measures the same adapter as one process does (to float summation order); later
     rounds may propose other configurations, since the acquisition's argmax is discrete."""
@@ -149,7 +151,7 @@ def test_two_process_ddp_runs_the_pareto_search(tinystories_dir, tinystories_tex
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     for name, launcher in (("one", [sys.executable]), ("two", launch)):
-        proc = subprocess.run([*launcher, "-m", "coalora_edge", "train", str(tinystories_dir), "--data", str(tinystories_text),
+        proc = subprocess.run([*launcher, "-m", "coalora_edge", "train", str(own_model), "--data", str(own_text),
                                "--out", str(tmp_path / name), *search], capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / name / "pareto.json").read_text()) for name in ("one", "two"))

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from coalora_edge.cli.common import OneLineUsageErrors, err_console
+from coalora_edge.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED, OneLineUsageErrors, err_console
 from coalora_edge.cli.demo import demo
 from coalora_edge.cli.eval import eval
 from coalora_edge.cli.export import export
@@ -58,7 +58,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # a bug, not bad input: say so and how to report it
         if os.environ.get("COALORA_DEBUG"):
             raise
@@ -67,4 +67,4 @@ def main() -> None:
             "(rerun with COALORA_DEBUG=1 for the traceback and report it)",
             highlight=False, soft_wrap=True,
         )
-        sys.exit(1)
+        sys.exit(EXIT_INTERNAL)

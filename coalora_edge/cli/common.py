@@ -23,8 +23,19 @@ err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: exit code for a problem with the user's input (missing file, bad option, bad data)
-EXIT_USAGE = 2
+#: Every way a command ends, by exit code (README, "Exit codes"). Errors carry their own
+#: code (errors.py: ``exit_code``); the rest are the CLI's.
+EXIT_CODES = {
+    0: "success",
+    1: "internal error: a bug in coalora-edge (report it; COALORA_DEBUG=1 shows the traceback)",
+    2: "usage: the command line does not parse (unknown option, value out of range, missing argument)",
+    3: "bad input: a file, model, text, profile, bundle or setting that cannot be used as given",
+    4: "verification failed: the export does not compute the trained model in its runtime; nothing was written",
+    5: "runtime missing: llama.cpp (llama-cpp-python) or ONNX Runtime is absent or lacks what is needed",
+    6: "not enough memory or disk for the job",
+    130: "interrupted (Ctrl-C or SIGTERM); temporary outputs removed",
+}
+EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def print_error(message: str) -> None:
@@ -40,7 +51,7 @@ def one_line_errors(command: F) -> F:
             return command(*args, **kwargs)
         except CoaloraError as e:
             print_error(str(e))
-            raise typer.Exit(EXIT_USAGE) from None
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,6 +1,6 @@
 """`coalora-edge demo [--quick] [--out DIR] [--model M] [--data FILE]...`: the whole story
 (pretrain or load a base model, train, search, resolve, export, run) on nothing but
-Python's own files; see coalora_edge/demo.py."""
+Python's own files; see coalora_edge/demo/pipeline.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from coalora_edge.cli.common import console, one_line_errors
-from coalora_edge.demo import DEFAULT_PROMPT, PLANS, demo as run_demo
-from coalora_edge.demo_report import summary_lines
+from coalora_edge.demo.pipeline import DEFAULT_PROMPT, PLANS, demo as make_demo
+from coalora_edge.demo.report import summary_lines
 
 
 @one_line_errors
@@ -26,7 +26,7 @@ def demo(
 ) -> None:
     """Train once, ship to five devices, run in llama.cpp and ONNX Runtime: nothing downloaded."""
     steps = iter(range(1, 10))
-    report = run_demo(PLANS["quick" if quick else "full"], out, model=model, data=data, prompt=prompt, cache=cache,
+    report = make_demo(PLANS["quick" if quick else "full"], out, model=model, data=data, prompt=prompt, cache=cache,
                       force=force, progress=lambda phase: console.rule(f"[bold][{next(steps)}/4] {phase}"))
     console.rule(f"[bold]one training per runtime, {len(report['devices'])} devices")
     for line in summary_lines(report):

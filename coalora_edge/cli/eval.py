@@ -11,16 +11,15 @@ import torch
 import typer
 from rich.table import Table
 
-from coalora_edge.bundle import load_bundle
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import load_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json
-from coalora_edge.data import load_blocks
-from coalora_edge.errors import CoaloraError
-from coalora_edge.evaluate import lm_score
+from coalora_edge.model.evaluate import lm_score
 from coalora_edge.profiles import load_profile
-from coalora_edge.quantize import config_nbytes
-from coalora_edge.resolver import resolve
-from coalora_edge.restore import config_at_bpw, read_config_file, restore
+from coalora_edge.resolve.selection import select_config
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.quantize import bits_per_weight, config_nbytes
+from coalora_edge.training.data import load_blocks
 
 
 @one_line_errors
@@ -37,13 +36,8 @@ def eval(  # noqa: A001 - the command is called eval
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Perplexity of a configuration with its adapter, without it, and of the unquantized model."""
-    if [bpw, config, profile].count(None) != 2:
-        raise CoaloraError("pass exactly one of --bpw X, --config FILE or --profile P")
     b = load_bundle(bundle)
-    if profile is not None:
-        chosen = resolve(b, load_profile(profile), model).config
-    else:
-        chosen = read_config_file(b, config) if config else config_at_bpw(b, bpw)[0]
+    chosen = select_config(b, config=config, bpw=bpw, profile=load_profile(profile) if profile else None, model=model)
     restored = restore(b, model)
     # All of it is evaluation text: the split's validation part would only drop tokens.
     blocks = load_blocks(restored.tokenizer, data, seq_len, valid_fraction=0.5)
@@ -59,8 +53,8 @@ def eval(  # noqa: A001 - the command is called eval
     nbytes = config_nbytes(get_scheme(b.scheme), shapes, chosen)
     numel = sum(s[0] * s[1] for s in shapes.values())
     result = {
-        "bundle": str(bundle), "method": b.manifest["adapter"]["method"], "bytes": nbytes,
-        "bits_per_weight": 8 * nbytes / numel, "config": chosen,
+        "bundle": str(bundle), "method": b.manifest.adapter.method, "bytes": nbytes,
+        "bits_per_weight": bits_per_weight(nbytes, numel), "config": chosen,
         "adapted": adapted.as_dict(), "quantized_without_adapter": quantized_only.as_dict(),
         "unquantized": unquantized.as_dict(),
     }

@@ -3,23 +3,21 @@ write the configuration a device runs as files its runtime loads, verified in th
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
-from coalora_edge.bundle import Bundle, load_bundle
+from coalora_edge.bundle.restore import restore
+from coalora_edge.bundle.store import Bundle, load_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json
 from coalora_edge.errors import CoaloraError
-from coalora_edge.exporters import EXPORTERS
-from coalora_edge.exporters.report import ADAPTER_MODES
-from coalora_edge.profiles import DeviceProfile, format_size, load_profile
-from coalora_edge.quantize import Configuration
-from coalora_edge.resolver import resolve
-from coalora_edge.restore import config_at_bpw, read_config_file, restore
-
+from coalora_edge.exporters.common.report import ADAPTER_MODES
+from coalora_edge.profiles import load_profile
+from coalora_edge.resolve.selection import select_config
+from coalora_edge.runtimes import export_formats
+from coalora_edge.units import format_size
 
 
 @one_line_errors
@@ -27,7 +25,7 @@ def export(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `coalora-edge train`."),
     out: Path = typer.Option(..., "--out", help="Folder to write (atomically: complete or not at all)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile (name or YAML file): picks the configuration, the adapter mode and the memory check."),
-    fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join(EXPORTERS)} (default: the bundle's scheme)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join(export_formats())} (default: the bundle's scheme)."),
     config: Optional[Path] = typer.Option(None, help="Export this configuration instead of the profile's: JSON {matrix: format} or a list of formats."),
     bpw: Optional[float] = typer.Option(None, help="Export the best known configuration at or under this many bits per weight."),
     adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged)."),
@@ -45,7 +43,7 @@ def export(
     if device:
         device = device.model_copy(update={"adapter_mode": mode})  # the memory model counts the mode shipped
     exporter = _exporter(fmt or b.scheme, b)
-    chosen = _configuration(b, device, config, bpw, model)
+    chosen = select_config(b, config=config, bpw=bpw, profile=device, model=model)
     options = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     if options and (fmt or b.scheme) != "onnx":
         raise CoaloraError("--accuracy-level applies to --format onnx only")
@@ -57,28 +55,15 @@ def export(
 
 
 def _exporter(fmt: str, bundle: Bundle) -> Any:
-    if fmt not in EXPORTERS:
-        raise CoaloraError(f"unknown --format {fmt!r}; choose one of: {', '.join(EXPORTERS)}")
+    formats = export_formats()
+    if fmt not in formats:
+        raise CoaloraError(f"unknown --format {fmt!r}; choose one of: {', '.join(formats)}")
     if fmt != bundle.scheme:
         raise CoaloraError(
             f"bundle {bundle.path} was trained for {bundle.scheme} formats and cannot be shipped as {fmt}; "
             f"use --format {bundle.scheme} or retrain with --scheme {fmt}"
         )
-    return importlib.import_module(EXPORTERS[fmt])
-
-
-def _configuration(bundle: Bundle, profile: DeviceProfile | None, config: Path | None, bpw: float | None,
-                   model: str | None) -> Configuration:
-    """--config, --bpw, or what the resolver picks for the profile."""
-    if config is not None and bpw is not None:
-        raise CoaloraError("pass at most one of --config FILE and --bpw X")
-    if config is not None:
-        return read_config_file(bundle, config)
-    if bpw is not None:
-        return config_at_bpw(bundle, bpw)[0]
-    if profile is None:
-        raise CoaloraError("pass --profile P (or --config FILE / --bpw X) to say which configuration to export")
-    return resolve(bundle, profile, model).config
+    return formats[fmt].hook("exporter")
 
 
 def render(report: dict[str, Any], out: Path) -> None:

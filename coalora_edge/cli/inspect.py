@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 
 from coalora_edge.cli.common import console, one_line_errors, print_json, split_list
-from coalora_edge.inspection import inspect_model
-from coalora_edge.models import load_model
+from coalora_edge.model.loading import load_model
 from coalora_edge.schemes import get_scheme
+from coalora_edge.schemes.inspection import inspect_model
 
 
 @one_line_errors

@@ -10,9 +10,9 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from coalora_edge.bundle import PARETO, load_bundle
+from coalora_edge.bundle.store import PARETO, load_bundle
+from coalora_edge.bundle.summary import summary, write_plot
 from coalora_edge.cli.common import console, one_line_errors, print_json
-from coalora_edge.front import summary, write_plot
 
 
 @one_line_errors

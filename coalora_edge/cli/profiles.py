@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from coalora_edge.cli.common import console, one_line_errors, print_json
-from coalora_edge.profiles import DeviceProfile, format_size, load_profile, shipped_profiles
+from coalora_edge.profiles import DeviceProfile, load_profile, shipped_profiles
+from coalora_edge.units import format_size
 
 profiles_app = typer.Typer(
     help="Device profiles: memory, runtime and formats of the devices a model can ship to.",

@@ -10,10 +10,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from coalora_edge.bundle import load_bundle
+from coalora_edge.bundle.store import load_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json
-from coalora_edge.profiles import format_size, load_profile
-from coalora_edge.resolver import Resolution, resolve as resolve_bundle
+from coalora_edge.profiles import load_profile
+from coalora_edge.resolve.resolver import Resolution, resolve as resolve_bundle
+from coalora_edge.units import format_size
 
 #: memory terms in the order the breakdown adds them up, as people read them
 MEMORY_TERMS = {

@@ -3,7 +3,6 @@ exported artifact in its own runtime (a sidecar adapter beside the model is appl
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
@@ -11,14 +10,7 @@ import typer
 
 from coalora_edge.cli.common import console, one_line_errors, print_json
 from coalora_edge.errors import CoaloraError
-
-#: model file suffix -> module with ``generate(path, prompt, max_tokens, threads) -> str``.
-#: Imported on use: each pulls in its runtime.
-RUNNERS = {
-    ".gguf": "coalora_edge.exporters.verify_llamacpp",
-    ".onnx": "coalora_edge.exporters.onnx_run",
-}
-MODEL_STEM = "model"  # what `coalora-edge export` names the model file in its folder
+from coalora_edge.runtimes import RUNTIMES, for_artifact
 
 
 @one_line_errors
@@ -31,8 +23,7 @@ def run(
 ) -> None:
     """Generate text with an exported model in its runtime."""
     model = _model_file(artifact)
-    runner = importlib.import_module(RUNNERS[model.suffix])
-    text = runner.generate(model, prompt, max_tokens, threads)
+    text = for_artifact(model.suffix).hook("generate")(model, prompt, max_tokens, threads)
     if json_out:
         print_json({"artifact": str(model), "prompt": prompt, "text": text})
     else:
@@ -41,14 +32,15 @@ def run(
 
 def _model_file(path: Path) -> Path:
     """The model file of ``path``: itself, or ``model.<suffix>`` inside an export folder."""
+    artifacts = [r.artifact for r in RUNTIMES.values() if r.artifact and r.generate]
     if path.is_dir():
-        found = [path / f"{MODEL_STEM}{suffix}" for suffix in RUNNERS if (path / f"{MODEL_STEM}{suffix}").is_file()]
+        found = [path / name for name in artifacts if (path / name).is_file()]
         if len(found) != 1:
-            raise CoaloraError(f"{path} holds no single model file ({', '.join(MODEL_STEM + s for s in RUNNERS)}); "
+            raise CoaloraError(f"{path} holds no single model file ({', '.join(artifacts)}); "
                                "pass the folder `coalora-edge export` wrote or a model file")
         return found[0]
     if not path.is_file():
         raise CoaloraError(f"{path} not found; pass a model file or the folder `coalora-edge export` wrote")
-    if path.suffix not in RUNNERS:
-        raise CoaloraError(f"cannot run {path}: known model files are {', '.join(RUNNERS)}")
+    if for_artifact(path.suffix) is None:
+        raise CoaloraError(f"cannot run {path}: known model files are {', '.join(Path(a).suffix for a in artifacts)}")
     return path

@@ -7,11 +7,13 @@ from typing import List, Optional
 
 import typer
 
+from coalora_edge.adapter.config_model import CONFIG_MODELS
+from coalora_edge.bundle.lookup import final_evaluations
+from coalora_edge.bundle.store import train_bundle
 from coalora_edge.cli.common import console, one_line_errors, print_json, split_list
-from coalora_edge.config_model import CONFIG_MODELS
 from coalora_edge.search.rounds import SearchSettings
-from coalora_edge.train_job import TrainJob, run
-from coalora_edge.training import TrainSettings
+from coalora_edge.training.job import TrainJob
+from coalora_edge.training.trainer import TrainSettings
 
 
 def _floats(value: Optional[str]) -> Optional[list[float]]:
@@ -78,14 +80,14 @@ def train(
                    seq_len=seq_len, eval_blocks=eval_blocks, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
                    use_imatrix=imatrix, resume=resume, force=force, trust_remote_code=trust_remote_code,
                    epochs=(epochs or 1.0) if steps is None else None, show_progress=not json_out)
-    bundle = run(job)
+    bundle = train_bundle(job)
     if bundle is None:  # not the main process of a multi-process launch
         return
-    training = bundle.manifest["training"]
-    summary = {"bundle": str(bundle.path), "method": method, "scheme": scheme, "search": training["search"]["mode"],
-               "configs": training["configs"], "evaluated": training["evaluated"], "steps": training["settings"]["steps"],
-               "seconds": round(training["seconds"], 2), "search_seconds": round(training["search_seconds"], 2),
-               "search_share": round(training["search_share"], 4), "evaluations": bundle.read_json("pareto.json")}
+    training = bundle.manifest.training
+    summary = {"bundle": str(bundle.path), "method": method, "scheme": scheme, "search": training.search.mode,
+               "configs": training.configs, "evaluated": training.evaluated, "steps": training.settings["steps"],
+               "seconds": round(training.seconds, 2), "search_seconds": round(training.search_seconds, 2),
+               "search_share": round(training.search_share, 4), "evaluations": bundle.read_json("pareto.json")}
     if json_out:
         print_json(summary)
         return
@@ -95,7 +97,6 @@ def train(
     from coalora_edge.cli.eval import render_evaluations
 
     pareto = summary["evaluations"]
-    last = max(e["step"] for e in pareto["evaluations"])
-    trained = [e for e in pareto["evaluations"] if e["step"] == last and e["config"] < summary["configs"]]
+    trained = [e for e in final_evaluations(pareto["evaluations"]) if e["config"] < summary["configs"]]
     render_evaluations({**pareto, "evaluations": trained})
     console.print(f"the front of all {summary['evaluated']} evaluated configurations: coalora-edge pareto {bundle.path}")

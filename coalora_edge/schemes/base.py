@@ -17,8 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from coalora_edge.errors import SchemeError
-
-Shape = tuple[int, int]  # (out_features, in_features)
+from coalora_edge.model.matrices import Shape
 
 
 class Format(ABC):

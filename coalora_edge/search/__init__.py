@@ -1,1 +1,2 @@
-"""Configuration search: per-(matrix, format) sensitivity and the budget ladder."""
+"""Stage 4, the search: per-(matrix, format) sensitivity, the allocation problem, knapsack,
+budget ladder, decode speed, and the Pareto search (front, surrogate, rounds)."""

@@ -6,7 +6,7 @@ its "Defects" section asks):
 1. re-measure the current training set with the *current* adapter on the fixed held-out
    blocks, so stale losses never decide;
 2. fit the loss GP on every measurement so far and propose up to ``candidates`` new
-   configurations by qLogEHVI (:mod:`coalora_edge.search.refine`);
+   configurations by qLogEHVI (:mod:`coalora_edge.search.surrogate`);
 3. measure them, with the same adapter on the same blocks;
 4. segmented Pareto selection over this step's measurements -> the next training set.
 
@@ -16,7 +16,7 @@ Every measurement is kept (configuration, loss, the step it was taken at). Modes
     ladder   the sensitivity budget ladder, never refined (the paper's frozen set)
     pareto   the ladder, refined in rounds (the paper)
 
-The search plugs into :class:`coalora_edge.training.Trainer` as its ``refiner``; its state
+The search plugs into :class:`coalora_edge.training.trainer.Trainer` as its ``refiner``; its state
 is JSON and goes into checkpoints, so a resumed run searches exactly as an unbroken one.
 """
 
@@ -30,10 +30,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from coalora_edge.errors import CoaloraError
-from coalora_edge.evaluate import LMScore
-from coalora_edge.quantize import Configuration
-from coalora_edge.search.pareto import Normalisation, front_mask, segmented_front
-from coalora_edge.search.refine import MAX_MOVES, RESTARTS, Levels, Observations, Space, propose
+from coalora_edge.model.evaluate import LMScore
+from coalora_edge.schemes.quantize import Configuration
+from coalora_edge.search.front import Normalisation, front_mask, segmented_front
+from coalora_edge.search.surrogate import MAX_MOVES, RESTARTS, Levels, Observations, LevelSpace, propose
 
 MODES = ("auto", "none", "ladder", "pareto")
 
@@ -81,7 +81,7 @@ class SearchSettings:
         return [math.ceil(i * steps / self.rounds) for i in range(1, self.rounds + 1)]
 
 
-def uniform_configs(space: Space) -> list[Configuration]:
+def uniform_configs(space: LevelSpace) -> list[Configuration]:
     """Every level shared by all matrices, as one configuration each (by each choice)."""
     names = {name for options in space.options for name in options}
     configs = []
@@ -105,7 +105,7 @@ class Measurement:
 class ConfigSearch:
     """Measurements and refinement rounds; the trainer calls :meth:`refine` after each step."""
 
-    def __init__(self, space: Space, measure: Callable[[Configuration], LMScore], settings: SearchSettings,
+    def __init__(self, space: LevelSpace, measure: Callable[[Configuration], LMScore], settings: SearchSettings,
                  schedule: Sequence[int], seed: int = 0):
         self.space, self.measure, self.settings = space, measure, settings
         self.schedule, self.seed = list(schedule), seed

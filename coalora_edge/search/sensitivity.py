@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from coalora_edge.errors import DataError, SchemeError
-from coalora_edge.models import Matrix, find_matrices
-from coalora_edge.quantize import QuantCache
+from coalora_edge.model.matrices import Matrix, find_matrices
 from coalora_edge.schemes.base import Format, Scheme, Shape
+from coalora_edge.schemes.quantize import QuantCache
 
 #: Calibration data: token ids ``(batch, tokens)``, packed (no padding: every id counts).
 Batches = Iterable[torch.Tensor]

@@ -38,7 +38,8 @@ from typing import Collection, Mapping
 import numpy as np
 
 from coalora_edge.errors import SchemeError
-from coalora_edge.search.ladder import Problem, Solution, best_config
+from coalora_edge.search.knapsack import best_config
+from coalora_edge.search.problem import Problem, Solution
 
 #: Prices tried by :func:`fast_config`, in units that make the spans of sensitivity and
 #: time equal: bisection in log2 between these ends. 12 halvings of 40 octaves leave

@@ -1,0 +1,1 @@
+"""Stage 6, the bundle: the trained artifact written, loaded and verified; lookups, restore, summary."""

@@ -1,0 +1,1 @@
+"""`coalora-edge demo`: the whole pipeline on a model it pretrains itself."""

@@ -1,0 +1,1 @@
+"""What every exporter shares: the export report and its checks, perplexity in the runtime."""

@@ -1,0 +1,1 @@
+"""GGUF for llama.cpp: architecture names, tensors, vocabulary, the export, and llama.cpp as runner."""

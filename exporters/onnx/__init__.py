@@ -1,0 +1,1 @@
+"""ONNX for ONNX Runtime: the export, MatMulNBits graph surgery, sessions, generation."""

@@ -1,0 +1,51 @@
+"""`coalora-edge run` for ONNX exports: greedy generation in ONNX Runtime, after checking
+the folder is the one `coalora-edge export --format onnx` wrote (every file's sha256)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from coalora_edge.errors import ExportError
+from coalora_edge.exporters.common.report import REPORT_FILE
+from coalora_edge.exporters.onnx import session as ort
+from coalora_edge.exporters.onnx.export import MODEL_FILE
+from coalora_edge.fileio import sha256_file
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    """export.json of an ONNX export folder."""
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{folder} has no readable {REPORT_FILE} ({type(e).__name__}); pass a folder "
+                              "written by `coalora-edge export --format onnx`") from None
+    if not isinstance(report, dict) or report.get("format") != "onnx" or not isinstance(report.get("files"), dict):
+        raise ExportError(f"{folder / REPORT_FILE} does not describe an ONNX export; export it again")
+    return report
+
+
+def check_files(folder: Path, report: dict[str, Any]) -> None:
+    """Every file export.json lists is there with its sha256: a damaged model is refused, not run."""
+    for name, recorded in report["files"].items():
+        path = folder / name
+        if not path.is_file() or not isinstance(recorded, dict) or sha256_file(path) != recorded.get("sha256"):
+            raise ExportError(f"{path} is missing or does not match its sha256 in {REPORT_FILE}; export it again")
+
+
+def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
+    """Greedy continuation of ``prompt`` by the export at ``path`` (its folder or model.onnx)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    check_files(folder, read_report(folder))
+    session = ort.open_session(folder / MODEL_FILE, threads or 0)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt_ids = tokenizer(prompt).input_ids
+    if not prompt_ids:
+        raise ExportError("the prompt encodes to no tokens; pass some text")
+    new = ort.greedy(session, prompt_ids, max_tokens, tokenizer.eos_token_id)
+    # Decoded after the prompt, not alone: SentencePiece-style decoders drop a leading space.
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return tokenizer.decode(prompt_ids + new, skip_special_tokens=True)[len(prompt_text):]
