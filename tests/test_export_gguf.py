@@ -11,6 +11,7 @@ TinyStories-656K itself goes through the command line at the end.
 import json
 import shutil
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TRICKY = ["Hello  world", " leading space", "two\nlines\n\nand a blank", "Tom's dog isn't here, I'll go!",
-          "3 33 333 3.14", "tabs\tand   spaces", "CAPS and MiXeD"]
+          "3 33 333 3.14", "tabs\tand   spaces", "CAPS and MiXeD", "café, naïve, 東京"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -234,6 +235,10 @@ def test_vocabulary_metadata(exports):
     assert len(field(qwen2, "tokenizer.ggml.tokens")) == 2048  # padded to the embedding's rows
     # byte-level BPE spells anything (TinyStories' vocabulary cannot: test_unspellable_prompt_is_refused)
     assert unencodable(qwen2, "café @home") == []
+    # so does byte fallback, also where the tokenizer lists its <0xNN> pieces as special added tokens
+    tokens, types = field(llama, "tokenizer.ggml.tokens"), field(llama, "tokenizer.ggml.token_type")
+    assert {types[tokens.index(f"<0x{b:02X}>")] for b in range(256)} == {gguf.TokenType.BYTE}
+    assert unencodable(llama, "café @home") == []
 
 
 def test_base_tensors_of_a_wrapped_model_are_the_plain_models(exports, tiny_dirs):

@@ -121,12 +121,22 @@ def _tokens(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[gguf
     """Token texts and types by id; ids the tokenizer does not use become unused padding."""
     by_id: dict[int, tuple[str, gguf.TokenType]] = {}
     unk = spec["model"].get("unk_token")
+    byte_fallback = bool(spec["model"].get("byte_fallback"))
+
+    def kind(text: str, default: gguf.TokenType) -> gguf.TokenType:
+        if text == unk:
+            return gguf.TokenType.UNKNOWN
+        # Byte pieces are BYTE even where the tokenizer lists them as special added tokens
+        # (trainers given them as special_tokens do): llama.cpp spells unknown characters with them.
+        if BYTE_TOKEN.fullmatch(text) and (byte_fallback or default == gguf.TokenType.NORMAL):
+            return gguf.TokenType.BYTE
+        return default
+
     for text, i in spec["model"]["vocab"].items():
-        kind = gguf.TokenType.BYTE if BYTE_TOKEN.fullmatch(text) else gguf.TokenType.NORMAL
-        by_id[i] = (text, gguf.TokenType.UNKNOWN if text == unk else kind)
+        by_id[i] = (text, kind(text, gguf.TokenType.NORMAL))
     for added in spec.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], gguf.TokenType.UNKNOWN if added["content"] == unk else kind)
+        default = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind(added["content"], default))
     if max(by_id) >= vocab_size:
         raise ModelError(
             f"the tokenizer has token id {max(by_id)} but the model's vocabulary has {vocab_size} rows; "
