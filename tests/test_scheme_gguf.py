@@ -6,11 +6,9 @@ References: gguf-py's numpy (de)quantizers, written independently of ggml's C, a
 
 from __future__ import annotations
 
-import ctypes
 
 import gguf
 import gguf.quants
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ import torch
 from coalora_edge.errors import SchemeError
 from coalora_edge.schemes import get_scheme, ggml
 from coalora_edge.schemes.gguf import FALLBACK, FORMATS, SCHEME, GGUFFormat
+from coalora_edge.exporters.gguf.llamacpp import llama_quantize
 
 ALL = list(FORMATS.values())
 WITH_IMATRIX = [f for f in ALL if f.uses_imatrix]
@@ -220,24 +219,9 @@ def _write_f32_llama(path) -> None:
 
 
 def _llama_quantize(src, dst, imatrix: bool) -> None:
-    # ctypes arrays must stay referenced until the call returns.
-    overrides = (llama_cpp.llama_model_tensor_override * (len(CHOSEN) + 1))()
-    for o, (name, chosen) in zip(overrides, CHOSEN.items()):
-        o.pattern = f"^{name.replace('.', '[.]')}$".encode()
-        o.type = FORMATS[chosen].type
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0  # any quantized default; every tensor is overridden
-    params.nthread = 2
-    params.tt_overrides = overrides
-    if imatrix:
-        values = {n: make_imatrix(s[1], seed).numpy() for seed, (n, s) in enumerate(SHAPES.items())}
-        entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
-        for e, (name, v) in zip(entries, values.items()):
-            e.name = name.encode()
-            e.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            e.size = v.size
-        params.imatrix = entries
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    # any quantized preset: every tensor is overridden
+    values = {n: make_imatrix(s[1], seed).numpy() for seed, (n, s) in enumerate(SHAPES.items())} if imatrix else None
+    llama_quantize(src, dst, "Q8_0", values, overrides={name: FORMATS[chosen].type for name, chosen in CHOSEN.items()})
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "imatrix"])

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -161,3 +161,31 @@ def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = Non
         except ValueError as e:  # llama-cpp-python: the prompt does not fit the context
             raise ExportError(f"{e}; shorten the prompt (the model was trained on {trained} tokens)") from None
     return out["choices"][0]["text"]
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None = None,
+                   overrides: Mapping[str, int] | None = None, threads: int = 2) -> None:
+    """llama.cpp's own whole-file quantizer (what ``llama-quantize`` runs): ``src`` GGUF to
+    ``dst`` at preset ``ftype`` ("Q4_K_M", "Q8_0", ...), with an importance matrix per
+    tensor name and per-tensor ggml types (``overrides``: exact tensor name -> type id)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    # The ctypes arrays and the numpy buffers they point into must live until the call returns.
+    values = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in (imatrix or {}).items()}
+    if values:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+        for e, (name, v) in zip(entries, values.items()):
+            e.name, e.data, e.size = name.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        params.imatrix = entries
+    if overrides:
+        types = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for o, (name, type_id) in zip(types, overrides.items()):
+            o.pattern, o.type = f"^{name.replace('.', '[.]')}$".encode(), type_id
+        params.tt_overrides = types
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise ExportError(f"llama.cpp could not quantize {src} to {ftype}")
