@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 #: cases whose command line does not parse (click's usage errors): exit code 2, not 3
 USAGE = {"inspect-usage", "train-budget-not-number", "eval-zero-blocks", "eval-zero-batch", "export-accuracy-level-range",
-         "run-zero-tokens"}
+         "run-zero-tokens", "train-budget-nan", "train-budget-inf", "train-budget-100", "train-budget-empty-item",
+         "train-choices-empty", "inspect-choices-empty", "train-negative-budget"}
 #: folder every case may write into; it must be unchanged after the case
 OUT = "{work}/out"
 
@@ -297,8 +298,14 @@ CASES = [
     case("train-jsonl-no-text", *train(data="{data/notext.jsonl}"), message='string field "text"'),
     # train: options
     case("train-below-smallest", *train()[:-1], "0.5", message="raise the budget"),
-    case("train-negative-budget", *train()[:-1], "-3", message="raise the budget"),
+    case("train-negative-budget", *train()[:-1], "-3", message="'--budgets': bits per weight must be above 0"),
     case("train-budget-not-number", *train()[:-1], "abc", message="'--budgets': expected numbers"),
+    case("train-budget-nan", *train()[:-1], "nan", message="'--budgets': bits per weight must be above 0 and at most 32"),
+    case("train-budget-inf", *train()[:-1], "4,inf", message="'--budgets': bits per weight must be above 0"),
+    case("train-budget-100", *train()[:-1], "100", message="'--budgets': bits per weight must be above 0 and at most 32"),
+    case("train-budget-empty-item", *train()[:-1], "3,,4", message="'--budgets': expected a comma-separated list without empty"),
+    case("train-choices-empty", *train(), "--choices", "", message="'--choices': expected a comma-separated list"),
+    case("inspect-choices-empty", "inspect", "{model}", "--choices", " , ", message="'--choices': expected a comma-separated"),
     case("train-unknown-scheme", *train("--scheme", "int3"), message="unknown scheme 'int3'"),
     case("train-unknown-format", *train("--choices", "Q4_K,Q9_9"), message="unknown gguf format 'Q9_9'"),
     case("train-unknown-method", *train("--method", "magic"), message="method must be one of"),

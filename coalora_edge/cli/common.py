@@ -78,6 +78,13 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def split_list(value: str | None) -> list[str] | None:
-    """`--choices Q4_K,Q8_0` -> ["Q4_K", "Q8_0"]."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def split_list(value: str | None, option: str) -> list[str] | None:
+    """`--choices Q4_K,Q8_0` -> ["Q4_K", "Q8_0"]; None when the option is not given. An empty
+    list or an empty item (`3,,4`) is a typo, not a request for the default."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise typer.BadParameter(f"expected a comma-separated list without empty items, got {value!r}",
+                                 param_hint=f"'{option}'")
+    return items

@@ -23,7 +23,7 @@ def inspect(
 ) -> None:
     """Show a model's adaptable matrices, the formats each can take and the size range."""
     sch = get_scheme(scheme)
-    names = sch.choices(split_list(choices))
+    names = sch.choices(split_list(choices, "--choices"))
     report = inspect_model(load_model(model, trust_remote_code=trust_remote_code), sch, names)
     report["model"] = model
     if json_out:

@@ -16,14 +16,23 @@ from coalora_edge.training.job import TrainJob
 from coalora_edge.training.trainer import TrainSettings
 
 
-def _floats(value: Optional[str]) -> Optional[list[float]]:
-    items = split_list(value)
+#: no format stores more than fp32: a larger budget is a typo or a unit mistake
+MAX_BUDGET_BITS = 32.0
+
+
+def _budgets(value: Optional[str]) -> Optional[list[float]]:
+    """`--budgets 2.5,3,4`: bits per weight, each finite, above 0 and at most 32."""
+    items = split_list(value, "--budgets")
     if items is None:
         return None
     try:
-        return [float(v) for v in items]
+        budgets = [float(v) for v in items]
     except ValueError:
         raise typer.BadParameter(f"expected numbers like 2.5,3,4, got {value!r}", param_hint="'--budgets'") from None
+    if not all(0 < b <= MAX_BUDGET_BITS for b in budgets):  # also false for nan
+        raise typer.BadParameter(f"bits per weight must be above 0 and at most {MAX_BUDGET_BITS:g}, got {value!r}",
+                                 param_hint="'--budgets'")
+    return budgets
 
 
 @one_line_errors
@@ -74,10 +83,10 @@ def train(
         steps=steps if steps is not None else 0, batch_size=batch_size, k_configs=k_configs, seed=seed,
         checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
     )
-    job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices), settings=settings,
+    job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices, "--choices"), settings=settings,
                    search=SearchSettings(mode=search, rounds=search_rounds, every=search_every, segments=segments,
                                          candidates=candidates),
-                   seq_len=seq_len, eval_blocks=eval_blocks, budgets=_floats(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
+                   seq_len=seq_len, eval_blocks=eval_blocks, budgets=_budgets(budgets), ladder_step=ladder_step, device=device, dtype=dtype,
                    use_imatrix=imatrix, resume=resume, force=force, trust_remote_code=trust_remote_code,
                    epochs=(epochs or 1.0) if steps is None else None, show_progress=not json_out)
     bundle = train_bundle(job)
