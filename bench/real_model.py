@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from coalora_edge.fileio import atomic_write_json
 from coalora_edge.model.loading import load_tokenizer
 
 from assets import SHARED
@@ -48,5 +49,6 @@ def machine() -> dict:
 
 
 def save(path: Path, result: dict) -> None:
+    """Results are rewritten after every part: atomically, so a killed run keeps the last whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_json(path, result)

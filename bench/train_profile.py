@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from coalora_edge.fileio import atomic_write_json
 from coalora_edge.adapter.model import CoALoRAModel
 from coalora_edge.training.data import load_blocks
 from coalora_edge.model.loading import load_model, load_tokenizer
@@ -199,7 +200,7 @@ def main() -> None:
     out["ratios"]["coa_over_shared"] = med["coa"] / med["shared"]
     out["setup_s"], out["memory"] = setup, memory | {"peak_rss_gb": peak_gb()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    atomic_write_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items() if k != "profile_top"}, indent=2))
 
 
