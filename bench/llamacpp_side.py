@@ -92,14 +92,15 @@ class Reference:
         return out
 
 
-def measure_export(restored, config: dict[str, str], folder: Path, size: dict, ref: Reference, method: str) -> tuple[dict, dict]:
-    """Export ``config`` merged (one GGUF) into ``folder``, measure it in llama.cpp at the
-    preset ``size``, drop the file; the result row and the export report."""
+def measure_export(restored, config: dict[str, str], folder: Path, size: dict, ref: Reference, method: str,
+                   rounding: str) -> tuple[dict, dict]:
+    """Export ``config`` merged (one GGUF, ``rounding`` nearest or feedback) into ``folder``,
+    measure it in llama.cpp at the preset ``size``, drop the file; the result row and the export report."""
     started = time.perf_counter()
-    report = gguf_export.export(restored, config, folder, adapter_mode="merged", force=True)
+    report = gguf_export.export(restored, config, folder, adapter_mode="merged", force=True, rounding=rounding)
     export_seconds = time.perf_counter() - started
     shapes = {m.name: m.shape for m in restored.bundle.matrices}
-    row = {"method": method, "preset": size["preset"], "budget_bits": size["bits"],
+    row = {"method": method, "preset": size["preset"], "budget_bits": size["bits"], "rounding": rounding,
            "bits_per_weight": bits_per_weight(config_nbytes(restored.wrapper.scheme, shapes, config),
                                               sum(a * b for a, b in shapes.values())),
            "types": dict(Counter(report["stored"].values())), "export_seconds": export_seconds, **ref.measure(folder)}

@@ -103,7 +103,7 @@ def part_probe(args, work: Path, console: Console) -> dict:
         config = configs.get(size["preset"])
         if config:
             row, _ = measure_export(restored, config, work / f"none-measured-{size['preset']}", size, ref_gguf,
-                                    "none-measured")
+                                    "none-measured", "nearest")
             rows.append(row | {"imatrix": True, "choices": list(bundle.choices)})
     result["ours"] = [r for r in result["ours"] if r["method"] != "none-measured"] + rows
     save(args.base_out, result)

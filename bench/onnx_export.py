@@ -41,6 +41,7 @@ from rich.table import Table
 
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import Bundle, SENSITIVITY, load_bundle, train_bundle
+from coalora_edge.fileio import atomic_write_json
 from coalora_edge.exporters.common.perplexity import onnx_perplexity
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE, export
@@ -59,6 +60,8 @@ from coalora_edge.training.trainer import TrainSettings
 from assets import TINYSTORIES as MODEL, TINYSTORIES_TEXT as TEXT, tiny_model_with_tokenizer
 
 BUDGETS = (3.0, 4.5, 6.0)  # bits per weight of the adapted matrices
+#: export modes measured: sidecar, merged rounded to nearest, merged with error feedback
+MODES = {"sidecar": None, "merged": "nearest", "merged_fb": "feedback"}
 SPEED_MODEL = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=2048, context=256)
 UNIFORM = "int4_b32_asym"
 BASELINE = "uniform int4, level 4"
@@ -94,10 +97,10 @@ def quality(work: Path, steps: int, eval_blocks: int) -> list[dict]:
                "pytorch_trained": lm_score(restored.wrapper, blocks).perplexity}
         with restored.wrapper.without_adapter():
             row["pytorch_no_adapter"] = lm_score(restored.wrapper, blocks).perplexity
-        for mode in ("sidecar", "merged"):
+        for mode, rounding in MODES.items():
             out = work / f"tinystories-{mode}-{row['bits_per_weight']:.2f}"
             started = time.perf_counter()
-            report = export(restored, config, out, adapter_mode=mode, threads=1)
+            report = export(restored, config, out, adapter_mode=mode.removesuffix("_fb"), rounding=rounding, threads=1)
             row[f"{mode}_export_seconds"] = time.perf_counter() - started
             row[f"{mode}_exact_relative"] = report["verification"]["exact"]["relative"]
             for level in (0, 4):
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps of the TinyStories bundle")
     parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of 128 tokens")
     parser.add_argument("--repeats", type=int, default=15, help="decode rounds (every model once per round)")
+    parser.add_argument("--part", choices=["all", "quality"], default="all", help="quality: no decode speed")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "onnx_export.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -173,23 +177,25 @@ def main() -> None:
         work = Path(tmp)
         started = time.perf_counter()
         rows = quality(work, args.steps, args.eval_blocks)
-        folders, sizes = speed_models(work)
-        speed = decode_speed(folders, args.repeats)
+        folders, sizes = speed_models(work) if args.part == "all" else ({}, {})
+        speed = decode_speed(folders, args.repeats) if args.part == "all" else {}
         seconds = time.perf_counter() - started
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                           "threads": 1}, "quality": rows, "speed": speed, "speed_sizes": sizes, "seconds": seconds,
               "args": {k: str(v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out, result)
 
-    table = Table("bits/weight", "PyTorch trained", "PyTorch no adapter", "ORT sidecar L0", "ORT sidecar L4",
-                  "ORT merged L0", "ORT merged L4", "export s (sidecar / merged)",
-                  title=f"TinyStories-656K perplexity, {args.eval_blocks} held-out blocks of 128 tokens")
+    table = Table("bits/weight", "PyTorch trained", "PyTorch no adapter",
+                  *[f"ORT {mode} L{level}" for mode in MODES for level in (0, 4)], "export s (" + " / ".join(MODES) + ")",
+                  title=f"TinyStories-656K perplexity, {args.eval_blocks} held-out blocks of 128 tokens "
+                        "(merged: nearest rounding, merged_fb: error feedback)")
     for r in rows:
         table.add_row(f"{r['bits_per_weight']:.2f}", *(f"{r[k]:.3f}" for k in (
-            "pytorch_trained", "pytorch_no_adapter", "ort_sidecar_level0", "ort_sidecar_level4",
-            "ort_merged_level0", "ort_merged_level4")), f"{r['sidecar_export_seconds']:.1f} / {r['merged_export_seconds']:.1f}")
+            "pytorch_trained", "pytorch_no_adapter", *[f"ort_{mode}_level{level}" for mode in MODES for level in (0, 4)])),
+            " / ".join(f"{r[f'{mode}_export_seconds']:.1f}" for mode in MODES))
     console.print(table)
+    if not speed:
+        return
     best = speed[BASELINE]["best"]
     table = Table("model", "tokens/s, best", "tokens/s, median", "best vs uniform int4 L4", "median round ratio",
                   title=f"decode, 1 thread, {args.repeats} rounds ({sizes})")

@@ -104,8 +104,10 @@ def make_bundle(args, out: Path, method: str, bits: list[float], choices, use_im
     return load_bundle(bundle.path), seconds, rss_gb()
 
 
-def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Reference, work: Path) -> list[dict]:
-    """Every size's configuration (the bundle's best measured one that fits) exported merged."""
+def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Reference, work: Path,
+                       roundings: tuple[str, ...] = ("nearest",)) -> list[dict]:
+    """Every size's configuration (the bundle's best measured one that fits) exported merged,
+    once per rounding; a feedback row is labelled ``<label>+fb``."""
     restored = restore(bundle)
     trained = bundle.configs()
     rows = []
@@ -120,11 +122,14 @@ def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Referen
         config = bundle.evaluated()[evaluation["config"]]
         if bundle.manifest.adapter.method == "per-config" and dict(config) not in trained:
             continue
-        row, report = measure_export(restored, config, work / f"{label}-{size['preset']}", size, ref, label)
-        verification = report["verification"]
-        rows.append(row | {"valid_loss": evaluation["loss"], "fold": verification["fold"],
-                           "adapter_effect_kl": verification["adapter_effect_kl"],
-                           "runtime_vs_artifact_kl": verification["runtime_vs_artifact"]["kl"]})
+        for rounding in roundings:
+            method = label if rounding == "nearest" else f"{label}+fb"
+            row, report = measure_export(restored, config, work / f"{method}-{size['preset']}", size, ref, method, rounding)
+            verification = report["verification"]
+            rows.append(row | {"valid_loss": evaluation["loss"], "fold": verification["fold"],
+                               "adapter_effect_kl": verification["adapter_effect_kl"],
+                               "runtime_vs_artifact_kl": verification["runtime_vs_artifact"]["kl"],
+                               "seconds": report["seconds"]})
     del restored
     gc.collect()
     return rows
@@ -173,7 +178,7 @@ def part_base(args, work: Path, console: Console) -> dict:
     result = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "f16": {**source, **ref.f16},
               "adapted_weights": numel, "base_bytes": base, "sizes": sizes, "presets": presets, "ours": []}
     save(args.base_out, result)
-    return part_none(args, work, console) if args.part in ("base", "all") else result
+    return part_none(args, work, console) if args.part == "all" else result
 
 
 #: none: allocation only; label -> (choices, imatrix)
@@ -194,10 +199,11 @@ def part_none(args, work: Path, console: Console) -> dict:
         log(f"{label}: calibration, sensitivity, configurations ({len(fits)} sizes fit; smallest {low:.3f} bpw)")
         bundle, seconds, rss = make_bundle(args, work / f"{label}.bundle", "none", [s["bits"] for s in fits],
                                             choices, use_imatrix)
-        rows = export_and_measure(args, bundle, label, fits, ref, work)
+        rows = export_and_measure(args, bundle, label, fits, ref, work, tuple(args.roundings))
         for r in rows:
             r.update(imatrix=use_imatrix, choices=list(choices), train_seconds=seconds)
-        result["ours"] = [r for r in result["ours"] if r["method"] != label] + rows
+        labels = {r["method"] for r in rows}
+        result["ours"] = [r for r in result["ours"] if r["method"] not in labels] + rows
         save(args.base_out, result)
     return result
 
@@ -207,7 +213,8 @@ def part_train(args, work: Path, console: Console) -> dict:
     if args.out.exists():  # keep the trained methods of an earlier run (another --methods)
         earlier = json.loads(args.out.read_text())
         ours = {r["method"] for r in result["ours"]}
-        result["ours"] += [r for r in earlier["ours"] if r["method"] not in ours and r["method"] not in args.methods]
+        result["ours"] += [r for r in earlier["ours"] if r["method"] not in ours
+                           and r["method"].removesuffix("+fb") not in args.methods]
         result["training"] = [t for t in earlier.get("training", []) if t["method"] not in args.methods]
     sizes = result["sizes"]
     tokenizer = tokenizer_of(args.model)
@@ -235,10 +242,11 @@ def part_train(args, work: Path, console: Console) -> dict:
                                    "configs": bundle.manifest.training.configs,
                                    "first_loss": history[0]["loss"] if history else None,
                                    "last_loss": history[-1]["loss"] if history else None})
-        rows = export_and_measure(args, bundle, label, which, ref, work)
+        rows = export_and_measure(args, bundle, label, which, ref, work, tuple(args.roundings))
         for r in rows:
             r.update(imatrix=True, choices=list(CHOICES), objective=objective, train_seconds=seconds)
-        result["ours"] = [r for r in result["ours"] if r["method"] != label] + rows
+        labels = {r["method"] for r in rows}
+        result["ours"] = [r for r in result["ours"] if r["method"] not in labels] + rows
         save(args.out, result)
     return result
 
@@ -253,6 +261,8 @@ def main() -> None:
     parser.add_argument("--none-variants", nargs="+", default=list(NONE_VARIANTS))
     parser.add_argument("--none-sizes", nargs="+", default=list(PRESETS), help="sizes the none variants are measured at")
     parser.add_argument("--coa-sizes", nargs="*", default=[], help="sizes coa is exported and measured at (default: all)")
+    parser.add_argument("--roundings", nargs="+", choices=["nearest", "feedback"], default=["nearest", "feedback"],
+                        help="merged files' rounding (exporters/common/merge.py); feedback rows are labelled <method>+fb")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--k-configs", type=int, default=2)

@@ -28,7 +28,8 @@ def targets(result: dict) -> list[dict]:
             if p is None:
                 continue
             row = {"preset": name, "preset_imatrix": with_imatrix}
-            for m in ("none", "none-noimat", "coa", "shared", "per-config", "coa-lm", "none-measured"):
+            for m in [m + fb for m in ("none", "none-noimat", "coa", "shared", "per-config", "coa-lm", "none-measured")
+                      for fb in ("", "+fb")]:
                 r = ours.get((m, name))
                 if r is None:
                     continue
@@ -49,12 +50,13 @@ def targets(result: dict) -> list[dict]:
 
 def report(result: dict, console: Console, png: Path) -> None:
     result["targets"] = targets(result)
-    table = Table("preset", "vs preset", *[f"{m}: gap closed / KL ratio" for m in ("none", "coa", "shared", "per-config")],
+    shown = ("none", "none+fb", "coa", "coa+fb", "shared", "per-config")
+    table = Table("preset", "vs preset", *[f"{m}: gap closed / KL ratio" for m in shown],
                   "coa vs per-config ppl", "coa vs shared ppl", title="targets (gap closed >= 0.5 and KL ratio <= 0.5 "
                   "in Q3_K_M..Q5_K_M; ppl no worse at Q6_K+)")
     for t in result["targets"]:
         cells = []
-        for m in ("none", "coa", "shared", "per-config"):
+        for m in shown:
             v = t.get(m)
             cells.append(f"{v['gap_closed']:+.2f} / {v['kl_ratio']:.2f}" if v and v["gap_closed"] is not None
                          else (f"- / {v['kl_ratio']:.2f}" if v else "-"))

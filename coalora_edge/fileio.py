@@ -7,6 +7,7 @@ renamed into place: a crash leaves either the old artifact or the new one, never
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -61,12 +62,49 @@ def existing_parent(path: Path) -> Path:
     return parent
 
 
+def remove(path: Path) -> None:
+    """Delete whatever is at ``path`` (file, link or folder tree); a one-line error if it cannot."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise OutputLocationError(f"cannot remove {e.filename or path}: {e.strerror}; remove it by hand "
+                                  "or pick another output") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary folders beside ``path`` whose writer died (a ``kill -9`` leaves
+    a whole model behind): their names carry the writer's process id, still running ones stay."""
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = entry.name[len(path.name) + 2:].split(".", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OutputLocationError):
+                remove(entry)
+
+
 def make_temp_dir(path: Path) -> Path:
     """An empty hidden folder beside ``path`` (its parents created), to be renamed to it."""
     existing_parent(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename into place
         return tmp
     except OSError as e:  # no permission, a read-only or full disk
@@ -74,12 +112,18 @@ def make_temp_dir(path: Path) -> Path:
                                   "pick an output inside a folder you can write to") from None
 
 
+def _cleanup(path: Path) -> None:
+    """Remove a partial output while another error is on its way: that error is the one to report."""
+    with contextlib.suppress(OutputLocationError):
+        remove(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes ``path`` only if the block succeeds.
 
-    An existing ``path`` is refused unless ``force``; with ``force`` it is replaced only
-    after the new folder is complete.
+    An existing ``path`` (folder or file) is refused unless ``force``; with ``force`` it is
+    replaced only after the new folder is complete.
     """
     path = Path(path)
     if path.exists() and not force:
@@ -87,16 +131,16 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = make_temp_dir(path)
     try:
         yield tmp
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
         else:
             os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _cleanup(tmp)
         raise
 
 
@@ -112,15 +156,15 @@ def build_in_place(path: Path, force: bool = False) -> Iterator[Path]:
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; choose another output or pass --force to replace it")
     old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    remove(old)
+    if path.exists() or path.is_symlink():
         os.replace(path, old)
     try:
         path.mkdir(parents=True)
         yield path
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        if old.exists():
+        _cleanup(path)
+        if old.exists() or old.is_symlink():
             os.replace(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)

@@ -60,13 +60,18 @@ def _models(root: Path, base: Path) -> dict[str, Path]:
     """Folders that are no usable causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    made = {name: root / name for name in ("t5", "alien", "notjson", "noweights", "badweights", "gpt2", "binconfig")}
+    made = {name: root / name for name in ("t5", "alien", "notjson", "noweights", "badweights", "gpt2", "binconfig",
+                                           "listconfig", "wrongtype")}
     for path in made.values():
         path.mkdir()
     (made["t5"] / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (made["alien"] / "config.json").write_text(json.dumps({"model_type": "frobnicator-9000"}))
     (made["notjson"] / "config.json").write_text("{this is not json")
     (made["binconfig"] / "config.json").write_bytes(bytes(range(256)) * 4)
+    (made["listconfig"] / "config.json").write_text("[1, 2]")
+    config = json.loads((base / "config.json").read_text())
+    (made["wrongtype"] / "config.json").write_text(json.dumps(config | {"hidden_size": "big"}))
+    shutil.copy(base / "model.safetensors", made["wrongtype"])
     shutil.copy(base / "config.json", made["noweights"])
     for name in ("config.json", "model.safetensors"):
         shutil.copy(base / name, made["badweights"])
@@ -277,6 +282,9 @@ CASES = [
     case("inspect-unknown-arch", "inspect", "{models/alien}", message="not a model config transformers knows"),
     case("inspect-config-not-json", "inspect", "{models/notjson}", message="not a model config transformers knows"),
     case("inspect-config-binary", "inspect", "{models/binconfig}", message="not a model config transformers knows"),
+    case("inspect-config-list", "inspect", "{models/listconfig}", message="holds a JSON list, not a model config"),
+    case("inspect-config-wrong-type", "inspect", "{models/wrongtype}", message="has hidden_size = 'big', which must be"),
+    case("train-config-wrong-type", *train(model="{models/wrongtype}"), message="has hidden_size = 'big', which must be"),
     case("inspect-no-weights", "inspect", "{models/noweights}", message="no weights"),
     case("inspect-truncated-weights", "inspect", "{models/badweights}", message="could not load weights"),
     case("inspect-conv1d", "inspect", "{models/gpt2}", message="not supported"),
@@ -319,7 +327,9 @@ CASES = [
     case("train-zero-batch", *train("--batch-size", "0"), message="batch size must be at least 1"),
     case("train-seq-len-1", *train("--seq-len", "1"), message="at least 2 tokens"),
     case("train-huge-seq-len", *train("--seq-len", "100000000"), message="a smaller --batch-size or --seq-len", code=6),
-    case("train-negative-lr", *train("--lr", "-1"), message="learning rate must be positive"),
+    case("train-negative-lr", *train("--lr", "-1"), message="learning rate must be a positive number"),
+    case("train-infinite-lr", *train("--lr", "inf"), message="learning rate must be a positive number, got inf"),
+    case("train-nan-lr", *train("--lr", "nan"), message="learning rate must be a positive number, got nan"),
     case("train-zero-k", *train("--k", "0"), message="at least 1"),
     case("train-negative-eval-blocks", *train("--eval-blocks", "-1"), message="--eval-blocks must be at least 1"),
     case("train-zero-ladder-step", *train()[:-2], "--ladder-step", "0", message="ladder step must be positive"),
@@ -393,6 +403,15 @@ CASES = [
     case("export-too-small", *EXPORT, "--profile", "{profiles/too-small.yaml}", message="nothing fits"),
     case("export-config-unknown-format", *EXPORT, "--config", "{data/config-unknown.json}", message="Q9_9"),
     case("export-accuracy-level-gguf", *EXPORT, "--bpw", "9", "--accuracy-level", "2", message="onnx only"),
+    case("export-unknown-rounding", *EXPORT, "--bpw", "9", "--rounding", "best", message="unknown rounding 'best'"),
+    case("export-feedback-sidecar", *EXPORT, "--bpw", "9", "--rounding", "feedback", "--adapter-mode", "sidecar",
+         message="feedback rounding applies to merged exports"),
+    case("export-calibration-nearest", *EXPORT, "--bpw", "9", "--rounding", "nearest", "--calibration", "{text}",
+         message="--calibration is text for feedback rounding"),
+    case("export-calibration-missing", *EXPORT, "--bpw", "9", "--calibration", "{work}/missing.txt",
+         message="feedback rounding needs calibration text"),
+    case("export-calibration-too-short", *EXPORT, "--bpw", "9", "--calibration", "{data/short.txt}",
+         message="feedback rounding needs calibration text"),
     case("export-accuracy-level-range", *EXPORT, "--bpw", "9", "--accuracy-level", "9", message="accuracy-level"),
     case("export-other-base-model", *EXPORT, "--bpw", "9", "--model", "{other_model}", message="is not the base model"),
     case("export-rehashed-adapter", "export", "{bundles/rehashed-adapter}", "--out", OUT, "--bpw", "9",

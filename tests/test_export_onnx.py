@@ -19,6 +19,7 @@ from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.cli import app
 from coalora_edge.errors import ExportError, OutputExistsError
+from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.onnx import export as onnx_export
 from coalora_edge.exporters.onnx.export import DATA_FILE, MODEL_FILE, export, trained_logits, verify
@@ -30,7 +31,7 @@ from coalora_edge.profiles import load_profile
 from coalora_edge.resolve.memory import sidecar_bytes
 from coalora_edge.resolve.non_adapted import base_bytes
 from coalora_edge.resolve.resolver import resolve
-from coalora_edge.schemes.onnx import FORMATS
+from coalora_edge.schemes.onnx import FORMATS, dequantize
 from coalora_edge.schemes.quantize import config_nbytes
 from coalora_edge.training.job import TrainJob
 from coalora_edge.training.trainer import TrainSettings
@@ -135,17 +136,20 @@ def _runtime_initializer_bytes(model: Path, optimized: Path) -> int:
     return initializer_bytes(onnx.load(str(optimized)))
 
 
-@pytest.mark.parametrize("mode", ["merged", "sidecar"])
+@pytest.mark.parametrize("mode, rounding", [("merged", "feedback"), ("merged", "nearest"), ("sidecar", None)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "tinystories"])
-def test_matmulnbits_computes_with_the_trained_weights(request, tmp_path, arch, mode):
+def test_matmulnbits_computes_with_the_trained_weights(request, tmp_path, arch, mode, rounding):
     restored = restore(load_bundle(_bundle(request, arch)))
     config = _mixed_config(restored)
-    report = export(restored, config, tmp_path / "out", adapter_mode=mode, threads=1)
+    report = export(restored, config, tmp_path / "out", adapter_mode=mode, rounding=rounding, threads=1)
+    assert report["rounding"] == (rounding or "nearest")
     model = onnx.load(str(tmp_path / "out" / MODEL_FILE))
     nodes = _nbits_nodes(model)
     wrapper = restored.wrapper
     assert nodes.keys() == wrapper.layers.keys()
     lora = wrapper.collapsed_lora(config)
+    if rounding == "feedback":
+        feedback = onnx_export.plan(restored, config, "merged", merge.calibration_blocks(restored))
     for name, layer in wrapper.layers.items():
         fmt = FORMATS[config[name]]
         out_features, in_features = layer.base_layer.weight.shape
@@ -154,6 +158,8 @@ def test_matmulnbits_computes_with_the_trained_weights(request, tmp_path, arch, 
         assert len(nodes[name].input) == (3 if fmt.symmetric else 4)
         if mode == "sidecar":  # Q_c(W) exactly as training computed with it
             expected = layer.quantized
+        elif rounding == "feedback":  # rounded for the trained layer's outputs, block by block
+            expected = dequantize(feedback[name].quant)
         else:  # the folded weight, quantized by the scheme
             A, B = lora[name]
             expected = fmt.roundtrip(layer.base_layer.weight + wrapper.scaling * (B @ A))
@@ -173,6 +179,18 @@ def test_matmulnbits_computes_with_the_trained_weights(request, tmp_path, arch, 
         arrays = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer]
         bias = wrapper.layers["model.layers.0.self_attn.k_proj"].base_layer.bias.detach().numpy()
         assert sum(np.array_equal(a, bias) for a in arrays) == 1
+
+
+def test_feedback_rounding_keeps_more_of_the_adapter(bundles, own_text, tmp_path, monkeypatch):
+    """On text like the calibration text (own_text's held-out tail, the bundle's training
+    data), the feedback-rounded file is closer to the trained model than nearest rounding."""
+    held_out = [line for line in own_text.read_text().splitlines()[-400:] if len(line) > 60][:4]
+    monkeypatch.setattr(onnx_export, "VERIFY_PROMPTS", tuple(held_out))
+    restored = restore(load_bundle(bundles["llama"]))
+    config = _mixed_config(restored)
+    folds = {rounding: export(restored, config, tmp_path / rounding, rounding=rounding, threads=1)["verification"]["fold"]
+             for rounding in ("nearest", "feedback")}
+    assert folds["feedback"]["kl"] < folds["nearest"]["kl"]
 
 
 def test_verification_fails_when_the_runtime_computes_something_else(bundles, tmp_path):

@@ -1,6 +1,7 @@
 """Training: methods, objectives, determinism and resume after SIGKILL, multi-process."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,21 @@ def test_training_reduces_the_loss_of_the_quantized_model(tinystories_dir, tinys
     before = {e["config"]: e["loss"] for e in json.loads(none.stdout)["evaluations"]["evaluations"]}
     after = {e["config"]: e["loss"] for e in json.loads(coa.stdout)["evaluations"]["evaluations"]}
     assert all(after[c] < before[c] for c in before), (before, after)
+
+
+def test_divergence_stops_in_one_line_and_keeps_the_last_good_checkpoint(own_model, own_text, tmp_path):
+    out = tmp_path / "b"
+    run = train_cli(own_model, own_text, out, "--steps", "40", "--lr", "1e30", "--checkpoint-every", "1")
+    assert run.returncode == 3, run.stderr
+    assert "training diverged at step" in run.stderr and "lower --lr (e.g. 1e+29)" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not out.exists()
+    state = json.loads((tmp_path / "b.checkpoint" / "state.json").read_text())
+    assert 1 <= state["step"] < 40 and all(math.isfinite(h["loss"]) for h in state["history"])
+
+    # a resumed run may not end before the checkpoint it starts from
+    fewer = train_cli(own_model, own_text, out, "--steps", "0", "--lr", "1e30", "--checkpoint-every", "1", "--resume")
+    assert fewer.returncode == 3 and f"is at step {state['step']}, past --steps 0" in fewer.stderr, fewer.stderr
+    assert not out.exists()
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(own_model, own_text, tmp_path):

@@ -30,6 +30,8 @@ def export(
     bpw: Optional[float] = typer.Option(None, help="Export the best known configuration at or under this many bits per weight."),
     adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged)."),
     model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
+    rounding: Optional[str] = typer.Option(None, help="Merged files: feedback (default with an adapter) picks the codes that reproduce the trained layers' outputs on calibration text; nearest re-quantizes W + s B'A plainly."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration text for --rounding feedback (default: the training data the bundle names)."),
     accuracy_level: Optional[int] = typer.Option(None, min=0, max=4, help="onnx only: MatMulNBits accuracy level; 4 (default) rounds activations to int8 and decodes 2/8-bit nodes fast, 0 computes in exact fp32."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print export.json instead of a summary."),
@@ -47,7 +49,8 @@ def export(
     options = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     if options and (fmt or b.scheme) != "onnx":
         raise CoaloraError("--accuracy-level applies to --format onnx only")
-    report = exporter.export(restore(b, model), chosen, out, adapter_mode=mode, profile=device, force=force, **options)
+    report = exporter.export(restore(b, model), chosen, out, adapter_mode=mode, profile=device, force=force,
+                             rounding=rounding, calibration=calibration, **options)
     if json_out:
         print_json(report)
     else:

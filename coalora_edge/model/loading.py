@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,11 @@ from torch import nn
 
 from coalora_edge import resources
 from coalora_edge.errors import ModelError
+
+
+#: config fields that size a decoder's tensors, where a model has them
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -36,12 +42,28 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not (model_dir / "config.json").is_file():
+    path = model_dir / "config.json"
+    if not path.is_file():
         raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    try:
+        fields = json.loads(path.read_bytes())
+    except ValueError:
+        fields = None  # transformers names the problem below
+    if fields is not None and not isinstance(fields, dict):
+        raise ModelError(f"{path} holds a JSON {type(fields).__name__}, not a model config object; restore the "
+                         "model's config.json")
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
-        raise ModelError(f"{model_dir}/config.json is not a model config transformers knows: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{path} is not a model config transformers knows: {str(e).splitlines()[0]}") from None
+    except (TypeError, AttributeError) as e:  # a field of the wrong type, e.g. "hidden_size": "big"
+        raise ModelError(f"{path} has a field of the wrong type ({str(e).splitlines()[0]}); restore the "
+                         "model's config.json") from None
+    for name in SIZE_FIELDS:  # before any tensor is built from them
+        value = getattr(config, name, None)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ModelError(f"{path} has {name} = {value!r}, which must be a positive integer; restore the "
+                             "model's config.json")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelError(
             f"{model_dir} holds a {config.model_type!r} model, which is not a causal language model; "

@@ -161,6 +161,12 @@ def quantize(weight: torch.Tensor, fmt: OnnxFormat) -> BlockQuant:
     return BlockQuant(fmt, in_features, codes, scale, zp.to(torch.uint8))
 
 
+def join(parts: list[BlockQuant]) -> BlockQuant:
+    """Blocks of columns quantized one after another (schemes/feedback.py) as one matrix."""
+    return BlockQuant(parts[0].fmt, sum(p.in_features for p in parts), torch.cat([p.codes for p in parts], dim=1),
+                      torch.cat([p.scales for p in parts], dim=1), torch.cat([p.zero_points for p in parts], dim=1))
+
+
 def dequantize(quant: BlockQuant) -> torch.Tensor:
     """What MatMulNBits computes with: fp32 ``[out, in]``."""
     values = (quant.codes.float() - quant.zero_points.float()[..., None]) * quant.scales[..., None]

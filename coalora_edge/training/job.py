@@ -206,7 +206,10 @@ def train(job: TrainJob) -> Trained | None:
     for i, config in enumerate(final):
         if s.method == "per-config" and states:
             wrapper.load_trainable_state(per_config_state(states, i))
-        search.measure_at(space.encode(config), s.steps)
+        loss = search.records[search.measure_at(space.encode(config), s.steps)].loss
+        if not math.isfinite(loss) and s.method != "none":
+            raise CoaloraError(f"training diverged: the trained adapter's validation loss is {loss} with --lr {s.lr}; "
+                               f"train again with a lower --lr (e.g. {s.lr / 10:g})")
     with torch.no_grad(), wrapper.unquantized():
         reference = lm_score(wrapper, valid, s.batch_size)
     # the bundle's configurations: the final training set first, then every other one measured

@@ -27,6 +27,7 @@ broadcast, so every process trains on the same one; its state goes into checkpoi
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,9 +78,9 @@ class TrainSettings:
              f"configuration model must be one of {', '.join(CONFIG_MODELS)}, got {self.config_model!r}"),
             (self.rank >= 1, f"rank must be at least 1, got {self.rank}"),
             (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.config_model_lr is None or self.config_model_lr > 0,
-             f"configuration-model learning rate must be positive, got {self.config_model_lr}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"learning rate must be a positive number, got {self.lr}"),
+            (self.config_model_lr is None or (math.isfinite(self.config_model_lr) and self.config_model_lr > 0),
+             f"configuration-model learning rate must be a positive number, got {self.config_model_lr}"),
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.k_configs >= 1, f"K (configurations per step) must be at least 1, got {self.k_configs}"),
@@ -273,6 +274,8 @@ class Trainer:
             model, optimizer = self.acc.prepare(self.wrapper, optimizer)
             for step in range(first, self.settings.steps):
                 loss = self.step(model, optimizer, leg, step)
+                if not math.isfinite(loss):  # before anything is saved: the last checkpoint stays good
+                    raise CoaloraError(self._diverged(step + 1, loss))
                 self.history.append({"run": r, "step": step + 1, "loss": loss})
                 if on_step:
                     on_step(step + 1, loss)
@@ -297,7 +300,17 @@ class Trainer:
         if new is not None:
             leg.configs = new
 
+    def _diverged(self, step: int, loss: float) -> str:
+        saved = f"; the last checkpoint ({self.checkpoint_dir}) is from before it" if self.checkpoint_dir and \
+            self.checkpoint_dir.exists() else ""
+        return (f"training diverged at step {step} (loss {loss}) with --lr {self.settings.lr}{saved}; "
+                f"train again with a lower --lr (e.g. {self.settings.lr / 10:g})")
+
     def _check_resumable(self, state: dict[str, Any], legs: list[Leg]) -> None:
+        if state["step"] > self.settings.steps:
+            raise CoaloraError(f"checkpoint {self.checkpoint_dir} is at step {state['step']}, past --steps "
+                               f"{self.settings.steps}; resume with --steps {state['step']} or more, or train afresh "
+                               "without --resume")
         saved = TrainSettings(**state["settings"])
         if asdict(saved) | {"steps": 0, "checkpoint_every": 0} != asdict(self.settings) | {"steps": 0, "checkpoint_every": 0}:
             raise CoaloraError(

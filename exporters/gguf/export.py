@@ -34,6 +34,7 @@ from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures,
     header, keep, memory_check, memory_figures,
 )
+from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.gguf import llamacpp
 from coalora_edge.exporters.gguf.arch import Target
 from coalora_edge.exporters.gguf.tensors import (
@@ -80,28 +81,35 @@ def check_request(restored: Restored, adapter_mode: str) -> None:
         raise CoaloraError("this bundle was trained with --method none: it has no LoRA to ship beside the model; export merged")
 
 
-def build(restored: Restored, target: Target, config: Configuration, adapter_mode: str) -> Tensors:
+def build(restored: Restored, target: Target, config: Configuration, adapter_mode: str,
+          calibration: torch.Tensor | None) -> Tensors:
     wrapper = restored.wrapper
     return Tensors(
         # method none has nothing to fold: its merged file is the quantized base
-        adapted=adapted_tensors(target, wrapper, config, merged=adapter_mode == "merged" and wrapper.method != "none"),
+        adapted=adapted_tensors(target, restored, config, merged=adapter_mode == "merged" and wrapper.method != "none",
+                                calibration=calibration),
         other=other_tensors(target, wrapper),
         lora=lora_tensors(target, wrapper, config) if adapter_mode == "sidecar" else [],
     )
 
 
 def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode: str = "merged",
-           profile: DeviceProfile | None = None, force: bool = False,
-           prompts: Sequence[str] = VERIFY_PROMPTS) -> dict[str, Any]:
-    """Write and verify ``OUT/model.gguf`` (+ ``adapter.gguf``) and ``export.json``; its content is returned."""
+           profile: DeviceProfile | None = None, force: bool = False, rounding: str | None = None,
+           calibration: Path | None = None, prompts: Sequence[str] = VERIFY_PROMPTS) -> dict[str, Any]:
+    """Write and verify ``OUT/model.gguf`` (+ ``adapter.gguf``) and ``export.json``; its content is returned.
+
+    ``rounding`` of a merged file (exporters/common/merge.py): ``feedback`` (the default
+    for an adapter) or ``nearest``; ``calibration`` text for feedback (default: the training data)."""
     started = time.perf_counter()
     check_request(restored, adapter_mode)
+    rounding = merge.checked_rounding(restored, adapter_mode, rounding, calibration)
     check_resources(restored, config, out, "gguf", RUNTIME, sidecar=adapter_mode == "sidecar")
     restored.use(config)
     model = restored.wrapper.model
     target = Target.from_config(model.config)
     vocab = read_vocab(restored.model_dir, model.config.vocab_size)
-    tensors = build(restored, target, config, adapter_mode)
+    blocks = merge.calibration_blocks(restored, calibration) if rounding == "feedback" else None
+    tensors = build(restored, target, config, adapter_mode, blocks)
     name = f"{Path(restored.bundle.path).name} ({adapter_mode})"
     with atomic_dir(out, force=force) as tmp:
         artifact = llamacpp.Artifact(tmp / llamacpp.MODEL_FILE, tmp / llamacpp.ADAPTER_FILE if tensors.lora else None)
@@ -116,6 +124,7 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
                                 lora=sizes["adapter_tensor_bytes"])
         report = {
             **header("gguf", RUNTIME, restored, config, adapter_mode, profile, artifact.files()),
+            "rounding": rounding,
             "stored": {t.hf_name.removesuffix(".weight"): t.type for t in tensors.adapted},
             "sizes": sizes, "memory": memory, "verification": verification,
             # predicted from the measured kernel costs, as the resolver does (search/speed.py)
@@ -203,7 +212,9 @@ def verify(restored: Restored, tensors: Tensors, artifact: llamacpp.Artifact, ad
         "runtime_vs_trained": agreement(trained, runtime).as_dict(),
         "artifact_vs_trained": agreement(trained, simulated).as_dict(),
         "adapter_effect_kl": adapter_effect.kl,  # trained vs the same configuration without adapter
-        "fold": fold_figures(agreement(trained, folded), adapter_effect) if adapter_mode == "merged" else None,
+        # method none folds nothing: what its rounding costs is artifact_vs_trained
+        "fold": fold_figures(agreement(trained, folded), adapter_effect)
+        if adapter_mode == "merged" and wrapper.method != "none" else None,
         "tokenizer_agrees": tokenizer_agrees,
         "loaded_model_bytes": loaded,
         "thresholds": {"max_kl": MAX_KL, "min_top1": MIN_TOP1},

@@ -1,6 +1,7 @@
 """What each tensor of a trained configuration becomes in the GGUF files, and the files.
 
-    adapted matrix, merged:   ggml bytes of  W + s B'A            in the configuration's format
+    adapted matrix, merged:   ggml bytes of  W + s B'A            in the configuration's format,
+                              rounded to nearest or for the trained layer's outputs
     adapted matrix, sidecar:  ggml bytes of  W  (what training used) + an F32 LoRA (A, B')
     anything else:            resolve/non_adapted.py's type (Q8_0 / F16 matrices, F32 vectors)
 
@@ -22,10 +23,13 @@ import torch
 
 from coalora_edge import __version__
 from coalora_edge.adapter.model import CoALoRAModel
+from coalora_edge.bundle.restore import Restored
+from coalora_edge.exporters.common.merge import feedback_rounded
 from coalora_edge.exporters.gguf.arch import Target
 from coalora_edge.exporters.gguf.vocab import Vocab
 from coalora_edge.resolve.non_adapted import base_tensors
 from coalora_edge.schemes.gguf import FORMATS, GGUFFormat
+from coalora_edge.schemes.feedback import GroupQuantizer
 from coalora_edge.schemes.quantize import Configuration
 
 RUNTIME = "llama.cpp"
@@ -67,21 +71,40 @@ def stored(target: Target, hf_name: str, type_name: str, value: torch.Tensor,
                   target.row_order(name, value.shape[0]), value.shape[-1])
 
 
-def adapted_tensors(target: Target, wrapper: CoALoRAModel, config: Configuration, merged: bool) -> list[Stored]:
+def adapted_tensors(target: Target, restored: Restored, config: Configuration, merged: bool,
+                    calibration: torch.Tensor | None = None) -> list[Stored]:
     """The adapted matrices in their configuration's storage formats; ``merged``: with the
-    configuration's LoRA folded into the full-precision weight before quantizing."""
+    configuration's LoRA folded in, rounded to nearest, or with error feedback on the
+    ``calibration`` blocks when given (exporters/common/merge.py)."""
+    wrapper = restored.wrapper
+    formats = {m.name: wrapper.scheme.storage(config[m.name], m.shape) for m in wrapper.matrices}
+    # QuantCache's rule: the importance matrix goes to every format that takes one.
+    imatrix = {n: wrapper.cache.imatrix.get(n) if fmt.uses_imatrix else None for n, fmt in formats.items()}
+    if calibration is not None:
+        quantizers = {n: _group_quantizer(fmt, imatrix[n]) for n, fmt in formats.items()}
+        parts = feedback_rounded(restored, config, formats, quantizers, calibration)
+        return [Stored(f"{m.name}.weight", (name := target.tensor_name(f"{m.name}.weight")), formats[m.name].name,
+                       np.concatenate(parts[m.name], axis=1), target.row_order(name, m.shape[0]), m.shape[1])
+                for m in wrapper.matrices]
     lora = wrapper.collapsed_lora(config) if merged else {}
     tensors = []
     for m in wrapper.matrices:
-        fmt: GGUFFormat = wrapper.scheme.storage(config[m.name], m.shape)
         weight = wrapper.layers[m.name].base_layer.weight.detach().float()  # (out, in)
         if merged:
             A, B = lora[m.name]  # (r, in), (out, r)
             weight = weight + wrapper.scaling * (B.float() @ A.float())  # (out, in)
-        # QuantCache's rule: the importance matrix goes to every format that takes one.
-        imatrix = wrapper.cache.imatrix.get(m.name) if fmt.uses_imatrix else None
-        tensors.append(stored(target, f"{m.name}.weight", fmt.name, weight, imatrix))
+        tensors.append(stored(target, f"{m.name}.weight", formats[m.name].name, weight, imatrix[m.name]))
     return tensors
+
+
+def _group_quantizer(fmt: GGUFFormat, imatrix: torch.Tensor | None) -> GroupQuantizer:
+    """ggml's own quantizer on a block of whole ggml blocks: row bytes concatenate."""
+    def quantize_group(columns: torch.Tensor, first: int) -> tuple[np.ndarray, torch.Tensor]:
+        part = None if imatrix is None else imatrix[first: first + columns.shape[1]]
+        blocks = fmt.quantize(columns, part)  # (out, group bytes)
+        return blocks, fmt.dequantize(blocks, columns.shape[1])
+
+    return quantize_group
 
 
 def hf_parameters(wrapper: CoALoRAModel) -> dict[str, torch.nn.Parameter]:

@@ -3,7 +3,8 @@
     OUT/model.onnx       optimum's text-generation-with-past graph of the fp32 base (KV
                          cache), each adapted MatMul replaced by MatMulNBits holding the
                          onnx scheme's codes, scales and zero points
-      merged:  W + s B'A folded, then quantized in the chosen format
+      merged:  W + s B'A folded, then quantized in the chosen format: with error
+               feedback for the trained layer's outputs (default), or to nearest
       sidecar: Q(W) exactly as trained, plus the collapsed LoRA as two fp32 MatMuls
     OUT/model.onnx_data  the weights, once they pass 2 GiB (protobuf's limit)
     OUT/config.json, generation_config.json, tokenizer files: optimum's ORTModelForCausalLM
@@ -33,6 +34,7 @@ import torch
 
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import ExportError, SchemeError
+from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures, header, keep,
     memory_check, memory_figures,
@@ -46,7 +48,8 @@ from coalora_edge.fileio import atomic_dir
 from coalora_edge.model.loading import load_model
 from coalora_edge.profiles import DeviceProfile
 from coalora_edge.runtimes import get_runtime
-from coalora_edge.schemes.onnx import BlockQuant, MatMulNBitsInitializers, OnnxFormat, dequantize, pack, quantize
+from coalora_edge.schemes.feedback import GroupQuantizer
+from coalora_edge.schemes.onnx import BlockQuant, MatMulNBitsInitializers, OnnxFormat, dequantize, join, pack, quantize
 from coalora_edge.schemes.quantize import Configuration
 
 RUNTIME = "onnxruntime"
@@ -86,12 +89,19 @@ class Planned:
         return pack(self.quant)
 
 
-def plan(restored: Restored, config: Configuration, adapter_mode: str) -> dict[str, Planned]:
-    """Every adapted matrix's quantization (and side-car branch) for ``config``."""
+def plan(restored: Restored, config: Configuration, adapter_mode: str,
+         calibration: torch.Tensor | None = None) -> dict[str, Planned]:
+    """Every adapted matrix's quantization (and side-car branch) for ``config``; merged with
+    ``calibration`` blocks: rounded with error feedback (exporters/common/merge.py)."""
     wrapper = restored.wrapper
     lora = wrapper.collapsed_lora(config) if wrapper.method != "none" else {}
     if adapter_mode == "sidecar" and not lora:
         raise SchemeError("this bundle was trained with --method none: it has no LoRA to keep as a side-car; export merged")
+    if calibration is not None:
+        formats = {m.name: wrapper.scheme.storage(config[m.name], m.shape) for m in wrapper.matrices}
+        parts = merge.feedback_rounded(restored, config, formats, {n: _group_quantizer(f) for n, f in formats.items()},
+                                       calibration)
+        return {n: Planned(formats[n], join(p), None) for n, p in parts.items()}
     planned = {}
     for m in wrapper.matrices:
         fmt = wrapper.scheme.storage(config[m.name], m.shape)
@@ -107,6 +117,14 @@ def plan(restored: Restored, config: Configuration, adapter_mode: str) -> dict[s
     return planned
 
 
+def _group_quantizer(fmt: OnnxFormat) -> GroupQuantizer:
+    def quantize_group(columns: torch.Tensor, first: int) -> tuple[BlockQuant, torch.Tensor]:
+        quant = quantize(columns, fmt)
+        return quant, dequantize(quant)
+
+    return quantize_group
+
+
 def export(
     restored: Restored,
     config: Configuration,
@@ -116,16 +134,21 @@ def export(
     profile: DeviceProfile | None = None,
     force: bool = False,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    rounding: str | None = None,
+    calibration: Path | None = None,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     threads: int = 0,
 ) -> dict[str, Any]:
     """Write and verify ``OUT`` (see the module docstring); returns export.json's content.
-    ``threads`` 0 lets ONNX Runtime choose."""
+    ``rounding``/``calibration`` as for GGUF (exporters/common/merge.py); ``threads`` 0 lets
+    ONNX Runtime choose."""
     started = time.perf_counter()
     _check_options(restored, adapter_mode, accuracy_level)
+    rounding = merge.checked_rounding(restored, adapter_mode, rounding, calibration)
     check_resources(restored, config, out, "onnx", RUNTIME, sidecar=adapter_mode == "sidecar")
     restored.use(config)
-    planned = plan(restored, config, adapter_mode)
+    blocks = merge.calibration_blocks(restored, calibration) if rounding == "feedback" else None
+    planned = plan(restored, config, adapter_mode, blocks)
     plain = load_model(str(restored.model_dir))  # the fp32 base, plain nn.Linear layers
     ids = [restored.tokenizer(p, return_tensors="pt").input_ids for p in VERIFY_PROMPTS]
     with atomic_dir(out, force=force) as tmp:
@@ -146,7 +169,7 @@ def export(
         verification, shipped = verify(tmp, planned, ids, reference, accuracy_level, threads)
         verification["runtime_vs_trained"] = agreement(trained, shipped).as_dict()
         verification["fold"] = (fold_figures(agreement(trained, reference), agreement(trained, quantized))
-                                if adapter_mode == "merged" else None)
+                                if adapter_mode == "merged" and restored.wrapper.method != "none" else None)
         sizes = check_sizes(restored, config, adapter_mode, weights_bytes, tmp)
         expected = sizes["expected"]
         memory = memory_figures(restored, profile, adapter_mode, weights=expected["adapted"], lora=expected["sidecar"],
@@ -154,6 +177,7 @@ def export(
         report = {
             **header("onnx", RUNTIME, restored, config, adapter_mode, profile, sorted(tmp.iterdir())),
             "accuracy_level": accuracy_level,
+            "rounding": rounding,
             "stored": {name: p.fmt.name for name, p in planned.items()},
             "sizes": sizes, "memory": memory, "verification": verification,
             "warnings": _warnings(planned, verification, sizes, accuracy_level),
