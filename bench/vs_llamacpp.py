@@ -90,8 +90,10 @@ def budget_bits(file_bytes: int, metadata: int, base: int, numel: int) -> float:
 def make_bundle(args, out: Path, method: str, bits: list[float], choices, use_imatrix: bool = True,
                  objective: str = "distill", steps: int | None = None) -> tuple:
     started = time.perf_counter()
-    if method == "none" and args.reuse and (out / "manifest.json").exists():
-        return load_bundle(out), 0.0, rss_gb()  # an earlier run's allocation-only bundle
+    if args.reuse and (out / "manifest.json").exists():
+        log(f"reusing {out} (--reuse): an earlier run's bundle of this method")
+        bundle = load_bundle(out)
+        return bundle, bundle.manifest.training.wall_seconds or 0.0, rss_gb()
     settings = TrainSettings(method=method, objective=objective, steps=0 if method == "none" else (steps or args.steps),
                              batch_size=args.batch, rank=args.rank, alpha=2 * args.rank, lr=args.lr,
                              k_configs=1 if method == "per-config" else args.k_configs, checkpoint_every=0)
@@ -274,7 +276,7 @@ def main() -> None:
     parser.add_argument("--eval-seq", type=int, default=128)
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--probe-blocks", type=int, default=8, help="training-domain blocks of the per-type KL probe")
-    parser.add_argument("--reuse", action="store_true", help="reuse the none bundles an earlier run left in --work")
+    parser.add_argument("--reuse", action="store_true", help="reuse the bundles an earlier run left in --work")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/vs_llamacpp"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 presets, 2 steps, small evaluation")

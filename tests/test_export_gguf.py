@@ -361,3 +361,22 @@ def test_unspellable_prompt_is_refused(ts_export):
 def test_export_bad_options(small_bundle, tmp_path, args, message):
     result = cli("export", small_bundle, "--out", tmp_path / "o", *args)
     assert result.exit_code == 3 and message in result.stderr, result.output
+
+
+def test_run_keeps_to_the_context(exports, own_model):
+    """One policy for every runner (exporters/common/generation.py): a prompt past the context
+    is refused in one line, generation stops at the context, the prompt must be UTF-8."""
+    from transformers import AutoTokenizer
+
+    restored, _, out, _ = exports("llama", "sidecar")
+    context = restored.wrapper.model.config.max_position_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(own_model)
+    long = " ".join(["the little dog ran home"] * context)
+    result = cli("run", out, "--prompt", long, "--max-tokens", "4")
+    assert result.exit_code == 3 and f"and the model's context is {context}" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    prompt = "Once upon a time"
+    text = json.loads(cli("run", out, "--prompt", prompt, "--max-tokens", "100000", "--json").stdout)["text"]
+    assert len(tokenizer(prompt + text).input_ids) <= context + 1
+    result = cli("run", out, "--prompt", "caf\udce9")
+    assert result.exit_code == 3 and "not valid UTF-8" in result.stderr

@@ -278,3 +278,19 @@ def test_a_file_onnxruntime_cannot_load_is_one_clear_error(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(b"not a protobuf")
     with pytest.raises(ExportError, match="ONNX Runtime cannot load"):
         open_session(tmp_path / MODEL_FILE)
+
+
+def test_run_keeps_to_the_context(bundles, tmp_path):
+    """The ONNX runner's limits are the GGUF runner's (exporters/common/generation.py)."""
+    out = tmp_path / "out"
+    restored = restore(load_bundle(bundles["llama"]))
+    export(restored, _mixed_config(restored), out, threads=1)
+    context = restored.wrapper.model.config.max_position_embeddings
+    long = " ".join(["the little dog ran home"] * context)
+    result = cli("run", out, "--prompt", long, "--max-tokens", "4")
+    assert result.exit_code == 3 and f"and the model's context is {context}" in result.stderr, result.output
+    prompt_ids = restored.tokenizer("Once upon a time").input_ids
+    text = generate(out, "Once upon a time", max_tokens=100000, threads=1)
+    assert 0 < len(restored.tokenizer(text, add_special_tokens=False).input_ids) <= context - len(prompt_ids) + 2
+    result = cli("run", out, "--prompt", "caf\udce9")
+    assert result.exit_code == 3 and "not valid UTF-8" in result.stderr

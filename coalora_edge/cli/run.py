@@ -22,6 +22,10 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object {artifact, prompt, text}."),
 ) -> None:
     """Generate text with an exported model in its runtime."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+        raise CoaloraError("the prompt is not valid UTF-8; pass UTF-8 text") from None
     model = _model_file(artifact)
     text = for_artifact(model.suffix).hook("generate")(model, prompt, max_tokens, threads)
     if json_out:

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 import torch
 
+from coalora_edge.exporters.common.generation import new_tokens
 from coalora_edge.errors import ExportError, RuntimeLibraryError
 from coalora_edge.exporters.gguf.vocab import SPACE
 from coalora_edge.runtimes import get_runtime
@@ -115,14 +116,17 @@ def open_llama(artifact: Artifact, n_ctx: int, threads: int | None = 1, logits_a
 
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """Silence llama.cpp's C-level stderr: it logs LoRA buffer fallbacks even when not verbose.
-    Its real failures still reach the caller, as the ValueError llama-cpp-python raises."""
+    """Silence llama.cpp's stderr: it logs LoRA buffer fallbacks and context warnings even when
+    not verbose, in C (file descriptor 2) and through llama-cpp-python's log callback (Python's
+    sys.stderr, which a caller may have replaced). Its real failures still reach the caller, as
+    the ValueError llama-cpp-python raises."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
-        yield
+            with contextlib.redirect_stderr(null):
+                yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -156,10 +160,8 @@ def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = Non
     # Room for the prompt (at most a token per byte, plus BOS) and the continuation.
     n_ctx = min(len(prompt.encode()) + 1 + max_tokens, trained)
     with open_llama(artifact, n_ctx=n_ctx, threads=threads, logits_all=False) as llm:
-        try:
-            out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
-        except ValueError as e:  # llama-cpp-python: the prompt does not fit the context
-            raise ExportError(f"{e}; shorten the prompt (the model was trained on {trained} tokens)") from None
+        budget = new_tokens(len(llm.tokenize(prompt.encode(), add_bos=True)), max_tokens, trained)
+        out = llm.create_completion(prompt, max_tokens=budget, temperature=0.0)
     return out["choices"][0]["text"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from coalora_edge.errors import ExportError
+from coalora_edge.exporters.common.generation import new_tokens
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE
@@ -34,6 +35,17 @@ def check_files(folder: Path, report: dict[str, Any]) -> None:
             raise ExportError(f"{path} is missing or does not match its sha256 in {REPORT_FILE}; export it again")
 
 
+def context_length(folder: Path) -> int:
+    """The model's context, from the config.json the export wrote beside the graph."""
+    try:
+        context = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        context = None
+    if type(context) is not int or context < 1:
+        raise ExportError(f"{folder}/config.json records no max_position_embeddings; export it again")
+    return context
+
+
 def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
     """Greedy continuation of ``prompt`` by the export at ``path`` (its folder or model.onnx)."""
     from transformers import AutoTokenizer
@@ -45,7 +57,8 @@ def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None 
     prompt_ids = tokenizer(prompt).input_ids
     if not prompt_ids:
         raise ExportError("the prompt encodes to no tokens; pass some text")
-    new = ort.greedy(session, prompt_ids, max_tokens, tokenizer.eos_token_id)
+    budget = new_tokens(len(prompt_ids), max_tokens, context_length(folder))
+    new = ort.greedy(session, prompt_ids, budget, tokenizer.eos_token_id)
     # Decoded after the prompt, not alone: SentencePiece-style decoders drop a leading space.
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     return tokenizer.decode(prompt_ids + new, skip_special_tokens=True)[len(prompt_text):]
