@@ -159,7 +159,7 @@ def _unpermuted(tensor, target):
 
 @pytest.mark.parametrize("arch, mode", CASES)
 def test_files_hold_the_trained_bytes(exports, arch, mode):
-    restored, config, out, report = exports(arch, mode, "nearest")
+    restored, config, out, report = exports(arch, mode)
     assert report["rounding"] == "nearest"
     wrapper = restored.wrapper
     target = Target.from_config(wrapper.model.config)
@@ -190,11 +190,11 @@ def test_files_hold_the_trained_bytes(exports, arch, mode):
 
 
 def test_feedback_rounding_keeps_more_of_the_adapter(exports, tiny_dirs, own_text, tmp_path):
-    """The default merged file is rounded for the layers' outputs (exporters/common/merge.py): its
+    """A merged file rounded for the layers' outputs (--rounding feedback, exporters/common/merge.py): its
     bytes are ggml's, and on text like the calibration text (own_text's held-out tail, the
     bundle's training data) it loses less of the adapter than nearest rounding. 32-weight
     blocks: 8 per row of 256 to feed errors forward (a 256-wide K-quant row has one)."""
-    assert exports("llama", "merged")[3]["rounding"] == "feedback"
+    assert exports("llama", "merged")[3]["rounding"] == "nearest"  # the default
     bundle = make_bundle(tiny_dirs["llama"], tmp_path / "b", own_text, [4.5], choices=["Q4_0", "Q5_0", "Q8_0"])
     restored = restore(load_bundle(bundle.path))
     config = {m.name: "Q4_0" for m in restored.bundle.matrices}

@@ -10,6 +10,7 @@ import typer
 
 from coalora_edge.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED, OneLineUsageErrors, err_console
 from coalora_edge.cli.demo import demo
+from coalora_edge.cli.env import env
 from coalora_edge.cli.eval import eval
 from coalora_edge.cli.export import export
 from coalora_edge.cli.inspect import inspect
@@ -43,6 +44,7 @@ app.command()(resolve)
 app.command()(export)
 app.command()(run)
 app.command()(demo)
+app.command()(env)
 
 
 def _interrupt(signum: int, frame: object) -> None:

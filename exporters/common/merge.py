@@ -2,13 +2,12 @@
 
 A merged file stores one quantized matrix per adapted layer. Re-quantizing the merged
 weight ``W + s B'A`` to its nearest codes (``nearest``) rounds most of a small adapter
-update away at low bits. ``feedback`` rounds the same merged weight for the layer's
+update away at low bits. ``feedback`` (on request) rounds the same merged weight for the layer's
 *outputs* on calibration text instead (GPTQ, schemes/feedback.py): the error of each
 block of columns is compensated in the columns after it, weighted by the second moments
 ``H = E[x x^T]`` of the layer's input, collected from the trained model itself at the
 exported configuration (adapters on), so the errors are weighed where the trained model
-sends its activations. For ``--method none`` this is GPTQ of the base weight, by request
-only: its default ships the very bytes the bundle was measured with.
+sends its activations. For ``--method none`` this is GPTQ of the base weight.
 
 Why the merged weight and not the trained one, ``Q_c(W) + s B'A``: rounding a weight that
 already sits near the grid snaps it back to ``Q_c(W)``'s codes wherever the update is
@@ -46,10 +45,12 @@ BATCH = 4
 
 
 def checked_rounding(restored: Restored, adapter_mode: str, rounding: str | None, calibration: Path | None) -> str:
-    """The rounding asked for, or by default feedback for a merged adapter and nearest where
-    nothing is folded (sidecar ships the trained bytes; method none by default too)."""
+    """The rounding asked for; by default nearest, or feedback when calibration text is given.
+
+    Not feedback by default: on SmolLM2-135M it lowers the KL from F16 on text like the
+    calibration text but raises it on text of another domain (BENCHMARKS.md, issue 14)."""
     if rounding is None:
-        rounding = "feedback" if adapter_mode == "merged" and restored.wrapper.method != "none" else "nearest"
+        rounding = "feedback" if calibration is not None else "nearest"
     if calibration is not None and rounding != "feedback":
         raise CoaloraError(f"--calibration is text for feedback rounding, and this export rounds {rounding}; "
                            "add --rounding feedback or drop --calibration")

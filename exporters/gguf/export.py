@@ -2,7 +2,8 @@
 
     OUT/model.gguf     the base architecture with its tokenizer; the adapted matrices in
                        the configuration's ggml types, the rest in resolve/non_adapted.py's
-      merged:            W + s B'A quantized with ggml (one self-contained file)
+      merged:            W + s B'A quantized with ggml (one self-contained file), to
+                         nearest or (--rounding feedback) for the layers' outputs
       sidecar:           W quantized exactly as in training (the same bytes), and
     OUT/adapter.gguf   the configuration's collapsed LoRA (A, B') in F32, which llama.cpp
                        adds at run time: it computes what was trained
@@ -98,8 +99,8 @@ def export(restored: Restored, config: Configuration, out: Path, *, adapter_mode
            calibration: Path | None = None, prompts: Sequence[str] = VERIFY_PROMPTS) -> dict[str, Any]:
     """Write and verify ``OUT/model.gguf`` (+ ``adapter.gguf``) and ``export.json``; its content is returned.
 
-    ``rounding`` of a merged file (exporters/common/merge.py): ``feedback`` (the default
-    for an adapter) or ``nearest``; ``calibration`` text for feedback (default: the training data)."""
+    ``rounding`` of a merged file (exporters/common/merge.py): ``nearest`` (the default) or
+    ``feedback``; ``calibration`` text for feedback (default: the training data)."""
     started = time.perf_counter()
     check_request(restored, adapter_mode)
     rounding = merge.checked_rounding(restored, adapter_mode, rounding, calibration)

@@ -3,8 +3,8 @@
     OUT/model.onnx       optimum's text-generation-with-past graph of the fp32 base (KV
                          cache), each adapted MatMul replaced by MatMulNBits holding the
                          onnx scheme's codes, scales and zero points
-      merged:  W + s B'A folded, then quantized in the chosen format: with error
-               feedback for the trained layer's outputs (default), or to nearest
+      merged:  W + s B'A folded, then quantized in the chosen format: to nearest
+               (default), or with error feedback for the layers' outputs
       sidecar: Q(W) exactly as trained, plus the collapsed LoRA as two fp32 MatMuls
     OUT/model.onnx_data  the weights, once they pass 2 GiB (protobuf's limit)
     OUT/config.json, generation_config.json, tokenizer files: optimum's ORTModelForCausalLM
