@@ -106,10 +106,10 @@ def make_bundle(args, out: Path, method: str, bits: list[float], choices, use_im
     return load_bundle(bundle.path), seconds, rss_gb()
 
 
-def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Reference, work: Path,
-                       roundings: tuple[str, ...] = ("nearest",)) -> list[dict]:
+def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Reference, work: Path) -> list[dict]:
     """Every size's configuration (the bundle's best measured one that fits) exported merged,
-    once per rounding; a feedback row is labelled ``<label>+fb``."""
+    once per rounding of ``--roundings`` (feedback only at ``--feedback-sizes``); a feedback
+    row is labelled ``<label>+fb``."""
     restored = restore(bundle)
     trained = bundle.configs()
     rows = []
@@ -124,6 +124,8 @@ def export_and_measure(args, bundle, label: str, sizes: list[dict], ref: Referen
         config = bundle.evaluated()[evaluation["config"]]
         if bundle.manifest.adapter.method == "per-config" and dict(config) not in trained:
             continue
+        roundings = [r for r in args.roundings
+                     if r == "nearest" or not args.feedback_sizes or size["preset"] in args.feedback_sizes]
         for rounding in roundings:
             method = label if rounding == "nearest" else f"{label}+fb"
             row, report = measure_export(restored, config, work / f"{method}-{size['preset']}", size, ref, method, rounding)
@@ -201,7 +203,7 @@ def part_none(args, work: Path, console: Console) -> dict:
         log(f"{label}: calibration, sensitivity, configurations ({len(fits)} sizes fit; smallest {low:.3f} bpw)")
         bundle, seconds, rss = make_bundle(args, work / f"{label}.bundle", "none", [s["bits"] for s in fits],
                                             choices, use_imatrix)
-        rows = export_and_measure(args, bundle, label, fits, ref, work, tuple(args.roundings))
+        rows = export_and_measure(args, bundle, label, fits, ref, work)
         for r in rows:
             r.update(imatrix=use_imatrix, choices=list(choices), train_seconds=seconds)
         labels = {r["method"] for r in rows}
@@ -244,7 +246,7 @@ def part_train(args, work: Path, console: Console) -> dict:
                                    "configs": bundle.manifest.training.configs,
                                    "first_loss": history[0]["loss"] if history else None,
                                    "last_loss": history[-1]["loss"] if history else None})
-        rows = export_and_measure(args, bundle, label, which, ref, work, tuple(args.roundings))
+        rows = export_and_measure(args, bundle, label, which, ref, work)
         for r in rows:
             r.update(imatrix=True, choices=list(CHOICES), objective=objective, train_seconds=seconds)
         labels = {r["method"] for r in rows}
@@ -265,6 +267,8 @@ def main() -> None:
     parser.add_argument("--coa-sizes", nargs="*", default=[], help="sizes coa is exported and measured at (default: all)")
     parser.add_argument("--roundings", nargs="+", choices=["nearest", "feedback"], default=["nearest", "feedback"],
                         help="merged files' rounding (exporters/common/merge.py); feedback rows are labelled <method>+fb")
+    parser.add_argument("--feedback-sizes", nargs="*", default=[],
+                        help="sizes the feedback rounding is measured at (default: all); it costs 2-2.5x an export")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--k-configs", type=int, default=2)

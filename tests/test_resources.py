@@ -1,9 +1,11 @@
 """Memory and disk checks: the estimates, what the machine reports, and jobs refused up
-front (the amounts available are set through the environment, as a user can)."""
+front (the amounts available are set through the environment, as a user can), and a disk
+that fills after the check."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -92,3 +94,34 @@ def test_jobs_are_refused_up_front(request, command, env, message, model, tmp_pa
     assert result.exit_code == 6 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _fails_with(error: Exception | None) -> CliRunner:
+    """A command that raises ``error`` (or writes to /dev/full), behind the CLI's error handling."""
+    import typer
+
+    from coalora_edge.cli.common import one_line_errors
+
+    @one_line_errors
+    def write() -> None:
+        if error is not None:
+            raise error
+        with open("/dev/full", "wb", buffering=0) as f:  # the kernel's own ENOSPC
+            f.write(b"\0" * 4096)
+
+    app_ = typer.Typer()
+    app_.command()(write)
+    return CliRunner().invoke(app_, [])
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs the /dev/full device (Linux)")
+def test_a_disk_that_fills_is_one_line_and_exit_code_6():
+    """ENOSPC after the up-front space check, from the kernel and as safetensors reports it."""
+    from safetensors import SafetensorError
+
+    for error in (None, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        result = _fails_with(error)
+        assert result.exit_code == 6 and "the disk is full" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    other = _fails_with(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert other.exit_code == 1  # not every safetensors error is a full disk

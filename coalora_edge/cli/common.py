@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -35,11 +36,19 @@ EXIT_CODES = {
     6: "not enough memory or disk for the job",
     130: "interrupted (Ctrl-C or SIGTERM); temporary outputs removed",
 }
-EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_INTERNAL, EXIT_USAGE, EXIT_RESOURCES, EXIT_INTERRUPTED = 1, 2, 6, 130
+#: errno values of a full disk or quota; safetensors (Rust) reports them only in its message
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def disk_full(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    return type(error).__name__ == "SafetensorError" and any(f"(os error {n})" in str(error) for n in DISK_FULL)
 
 
 def one_line_errors(command: F) -> F:
@@ -52,6 +61,13 @@ def one_line_errors(command: F) -> F:
         except CoaloraError as e:
             print_error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            # the disk filled after the up-front space check; outputs are atomic, so nothing partial is left
+            where = f" (writing {e.filename})" if getattr(e, "filename", None) else ""
+            print_error(f"the disk is full{where}: free space or write to another disk, then run the command again")
+            raise typer.Exit(EXIT_RESOURCES) from None
 
     return wrapper  # type: ignore[return-value]
 
