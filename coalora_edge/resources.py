@@ -110,8 +110,8 @@ def training_need(*, adapted: int, shapes: Iterable[tuple[int, int]], rank: int,
 def export_need(fmt: str, *, params: int, adapted: int, artifact_bytes: int) -> Need:
     """What an export holds beside the restored fp32 model, and writes.
 
-    Both exporters quantize the configuration (one dequantized copy of the adapted
-    weights) and load what they wrote in the runtime to verify it. llama.cpp's
+    Every exporter quantizes the configuration (one dequantized copy of the adapted
+    weights) and loads what it wrote in the runtime to verify it. llama.cpp's
     verification also sets the whole model to the file's values (a second fp32 copy).
     ONNX export loads a second, plain fp32 model for optimum, whose fp32 graph is then
     loaded as well (and is on disk until replaced by the quantized one).
@@ -120,6 +120,10 @@ def export_need(fmt: str, *, params: int, adapted: int, artifact_bytes: int) -> 
     if fmt == "gguf":
         memory = {"quantized configuration": quantized, "tensors written": artifact_bytes,
                   "model with the file's values": params * F32, "llama.cpp": artifact_bytes}
+        disk = artifact_bytes
+    elif fmt == "peft":  # the plain model saved, then loaded again as users load it, with peft
+        memory = {"quantized configuration": quantized, "plain fp32 model": params * F32,
+                  "model loaded by peft": params * F32}
         disk = artifact_bytes
     else:
         memory = {"quantized configuration": quantized, "plain fp32 model": params * F32,

@@ -75,6 +75,12 @@ def export_formats() -> dict[str, Runtime]:
     return {r.scheme: r for r in RUNTIMES.values() if r.exporter}
 
 
+#: Export formats for a framework rather than a device runtime: they ship any scheme's
+#: configuration as trained, and no device profile names them. ``export --format`` name ->
+#: the module whose ``export(restored, config, out, ...)`` writes the folder.
+FRAMEWORK_EXPORTERS = {"peft": "coalora_edge.exporters.peft.export"}
+
+
 def for_artifact(suffix: str) -> Runtime | None:
     """The runtime whose model files end in ``suffix`` (".gguf")."""
     return next((r for r in RUNTIMES.values() if r.artifact and r.suffix == suffix), None)

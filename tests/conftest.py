@@ -4,6 +4,9 @@ tiny models built from configs."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from coalora_edge.model.synthetic import build_tiny_model
 
 OWN_TEXT_CHARS = 300_000
 SHARED = Path(os.environ.get("COALORA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def shared_asset(relative: str) -> Path:
@@ -94,3 +98,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def readme_snippet(heading: str, lang: str = "python") -> str:
+    """The first ```lang block under the README's ``### heading``: the user's snippet, which
+    tests run as written (only the folder names it opens are made to exist)."""
+    text = README.read_text()
+    start = text.find(f"\n### {heading}\n")
+    if start < 0:
+        raise LookupError(f"README.md has no section '### {heading}'")
+    found = re.search(rf"```{lang}\n(.*?)```", text[start:], re.S)
+    if found is None:
+        raise LookupError(f"README.md's '### {heading}' has no {lang} block")
+    return found.group(1)
+
+
+def run_snippet(code: str, cwd: Path, lang: str = "python", timeout: float = 600) -> str:
+    """Run ``code`` in a fresh process in ``cwd`` (one thread); its stdout, or fail with its stderr."""
+    command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-e", "-c", code]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"the README's snippet failed:\n{code}\n{done.stderr[-3000:]}"
+    return done.stdout

@@ -1,8 +1,10 @@
-"""`coalora-edge export BUNDLE --profile P --format gguf|onnx --out DIR [--adapter-mode merged|sidecar]`:
-write the configuration a device runs as files its runtime loads, verified in that runtime."""
+"""`coalora-edge export BUNDLE --profile P --format gguf|onnx|peft --out DIR [--adapter-mode merged|sidecar]`:
+write the configuration a device runs as files its runtime loads, verified in that runtime
+(peft: a PEFT adapter and the base as trained, for PyTorch, from a bundle of any scheme)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +18,7 @@ from coalora_edge.errors import CoaloraError
 from coalora_edge.exporters.common.report import ADAPTER_MODES
 from coalora_edge.profiles import load_profile
 from coalora_edge.resolve.selection import select_config
-from coalora_edge.runtimes import export_formats
+from coalora_edge.runtimes import FRAMEWORK_EXPORTERS, export_formats
 from coalora_edge.units import format_size
 
 
@@ -25,10 +27,10 @@ def export(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `coalora-edge train`."),
     out: Path = typer.Option(..., "--out", help="Folder to write (atomically: complete or not at all)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile (name or YAML file): picks the configuration, the adapter mode and the memory check."),
-    fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join(export_formats())} (default: the bundle's scheme)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join([*export_formats(), *FRAMEWORK_EXPORTERS])} (default: the bundle's scheme)."),
     config: Optional[Path] = typer.Option(None, help="Export this configuration instead of the profile's: JSON {matrix: format} or a list of formats."),
     bpw: Optional[float] = typer.Option(None, help="Export the best known configuration at or under this many bits per weight."),
-    adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged)."),
+    adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged; peft: sidecar only)."),
     model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
     rounding: Optional[str] = typer.Option(None, help="Merged files: nearest (default) re-quantizes W + s B'A plainly; feedback picks the codes for the layers' outputs on calibration text (GPTQ)."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration text for --rounding feedback (implies it; default: the training data the bundle names)."),
@@ -39,15 +41,17 @@ def export(
     """Export a bundle's configuration for a device, and verify it in the real runtime."""
     b = load_bundle(bundle)
     device = load_profile(profile) if profile else None
-    mode = adapter_mode or (device.adapter_mode if device else "merged")
+    fmt = fmt or b.scheme
+    # PEFT applies the LoRA itself: a profile's mode is its device runtime's, not PEFT's
+    mode = adapter_mode or ("sidecar" if fmt in FRAMEWORK_EXPORTERS else device.adapter_mode if device else "merged")
     if mode not in ADAPTER_MODES:
         raise CoaloraError(f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
     if device:
         device = device.model_copy(update={"adapter_mode": mode})  # the memory model counts the mode shipped
-    exporter = _exporter(fmt or b.scheme, b)
+    exporter = _exporter(fmt, b)
     chosen = select_config(b, config=config, bpw=bpw, profile=device, model=model)
     options = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
-    if options and (fmt or b.scheme) != "onnx":
+    if options and fmt != "onnx":
         raise CoaloraError("--accuracy-level applies to --format onnx only")
     report = exporter.export(restore(b, model), chosen, out, adapter_mode=mode, profile=device, force=force,
                              rounding=rounding, calibration=calibration, **options)
@@ -58,9 +62,11 @@ def export(
 
 
 def _exporter(fmt: str, bundle: Bundle) -> Any:
+    if fmt in FRAMEWORK_EXPORTERS:
+        return importlib.import_module(FRAMEWORK_EXPORTERS[fmt])
     formats = export_formats()
     if fmt not in formats:
-        raise CoaloraError(f"unknown --format {fmt!r}; choose one of: {', '.join(formats)}")
+        raise CoaloraError(f"unknown --format {fmt!r}; choose one of: {', '.join([*formats, *FRAMEWORK_EXPORTERS])}")
     if fmt != bundle.scheme:
         raise CoaloraError(
             f"bundle {bundle.path} was trained for {bundle.scheme} formats and cannot be shipped as {fmt}; "
