@@ -1,1 +1,1 @@
-"""ONNX for ONNX Runtime: the export, MatMulNBits graph surgery, sessions, generation."""
+"""ONNX for ONNX Runtime: the export, MatMulNBits graph surgery, sessions, generation, onnxruntime-genai's config."""

@@ -9,6 +9,7 @@
     OUT/model.onnx_data  the weights, once they pass 2 GiB (protobuf's limit)
     OUT/config.json, generation_config.json, tokenizer files: optimum's ORTModelForCausalLM
                          loads the folder and generates
+    OUT/genai_config.json  onnxruntime-genai's Model and Generator run the folder (genai.py)
     OUT/export.json      bundle, profile, configuration, sizes, verification figures
 
 Verification reads the written model back. Its MatMulNBits initializers must equal the
@@ -39,6 +40,8 @@ from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures, header, keep,
     memory_check, memory_figures,
 )
+from coalora_edge.exporters.common.tokenizer import keep_decoder_inputs
+from coalora_edge.exporters.onnx import genai
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.graph import (
     LoraBranch, find_adapted_matmuls, fuse_transposed_weights, initializer_bytes, nbits_nodes, quantize_matmul,
@@ -154,6 +157,8 @@ def export(
     with atomic_dir(out, force=force) as tmp:
         _export_fp32(plain, restored.tokenizer, tmp)
         model = onnx.load(str(tmp / MODEL_FILE))
+        keep_decoder_inputs(tmp)  # optimum's generate(**tokenizer(...)) refuses token_type_ids
+        genai.write_config(tmp, model, MODEL_FILE, plain.config, restored.tokenizer)  # the graph's names stay
         sites = find_adapted_matmuls(model, {n: l.base_layer.weight.detach().float().numpy()
                                              for n, l in restored.wrapper.layers.items()})
         use_ms_domain(model)
