@@ -117,6 +117,7 @@ def run_snippet(code: str, cwd: Path, lang: str = "python", timeout: float = 600
     """Run ``code`` in a fresh process in ``cwd`` (one thread); its stdout, or fail with its stderr."""
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-e", "-c", code]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, f"the README's snippet failed:\n{code}\n{done.stderr[-3000:]}"
     return done.stdout

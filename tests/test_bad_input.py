@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 
 # slow: builds bundles and artifacts of every kind, runs the CLI in subprocesses
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -7,7 +7,7 @@ import onnxruntime
 import torch
 from typer.testing import CliRunner
 
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 
 
 def test_env_reports_the_installed_versions_and_what_ggml_sees():

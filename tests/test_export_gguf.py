@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.gguf import export as gguf_export
 from coalora_edge.exporters.gguf.arch import Target, rope_row_order
@@ -304,6 +304,11 @@ def test_tinystories_exports_for_a_profile_and_generates(ts_bundle, ts_export):
     assert resolution.decode_ratio >= 0.95
     sizes = report["sizes"]
     assert sizes["model_tensor_bytes"] == resolution.nbytes + resolution.memory.non_adapted
+    # verified on hundreds of positions of the training text besides the fixed prompts (issue 15)
+    verification = report["verification"]
+    assert verification["prompts"] == 3 and verification["calibration_blocks"] >= 2
+    assert verification["runtime_vs_artifact"]["positions"] >= 500
+    assert verification["runtime_vs_artifact"]["decisive_positions"] >= 100
     # Nothing in the file but the header, the tensors and ggml's alignment padding.
     reader = read_gguf(out / "model.gguf")
     padded = sum(-(-t.n_bytes // reader.alignment) * reader.alignment for t in reader.tensors)

@@ -79,8 +79,8 @@ def test_readme_llamacpp_python_snippet(chat_exports, tmp_path):
     assert printed.strip(), printed
 
 
-@pytest.mark.skipif(shutil.which("llama-cli") is None, reason="llama.cpp's llama-cli is not on PATH (llama-cpp-python "
-                    "ships the library only)")
+@pytest.mark.skipif(shutil.which("llama-completion") is None, reason="llama.cpp's llama-completion is not on PATH "
+                    "(llama-cpp-python ships the library only)")
 def test_readme_llamacpp_cli_snippet(chat_exports, tmp_path):
     (tmp_path / "gguf-export").symlink_to(chat_exports[1]["sidecar"])
     run_snippet(readme_snippet("llama.cpp", "bash"), tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 from coalora_edge.errors import ExportError, OutputExistsError
 from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.report import REPORT_FILE
@@ -252,8 +253,12 @@ def cli(*args: object):
 
 def test_export_and_run_from_the_command_line(bundles, tmp_path):
     out = tmp_path / "tiny-demo"
-    done = cli("export", bundles["llama"], "--profile", "tiny-demo-onnx", "--format", "onnx", "--out", out, "--json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = cli("export", bundles["llama"], "--profile", "tiny-demo-onnx", "--format", "onnx", "--out", out, "--json")
     assert done.exit_code == 0, done.stderr
+    assert not [w for w in caught if issubclass(w.category, (torch.jit.TracerWarning, UserWarning))], \
+        [str(w.message) for w in caught]  # a user sees only our report
     report = json.loads(done.stdout)
     assert report == json.loads((out / REPORT_FILE).read_text())
     resolution = resolve(load_bundle(bundles["llama"]), load_profile("tiny-demo-onnx"))

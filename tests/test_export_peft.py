@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import readme_snippet, run_snippet
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.peft import export as peft_export
 from coalora_edge.fileio import sha256_file

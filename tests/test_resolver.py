@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 from coalora_edge.errors import BudgetError, ProfileError, SchemeError
 from coalora_edge.model.dims import ModelDims
 from coalora_edge.model.evaluate import lm_score

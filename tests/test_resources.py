@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from coalora_edge.cli import app
+from coalora_edge.cli.commands import app
 from coalora_edge.errors import CoaloraError
 from coalora_edge.model.loading import load_model
 from coalora_edge.resources import (

@@ -1,4 +1,6 @@
-"""The `coalora-edge` command line: one module per subcommand, registered here."""
+"""The `coalora-edge` entry point. The commands (cli/commands.py) import torch, transformers and
+the runtimes, seconds of start-up: they load inside ``main``'s error handling, so Ctrl-C
+or a broken install during start-up ends in one line too."""
 
 from __future__ import annotations
 
@@ -6,45 +8,7 @@ import os
 import signal
 import sys
 
-import typer
-
-from coalora_edge.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED, OneLineUsageErrors, err_console
-from coalora_edge.cli.demo import demo
-from coalora_edge.cli.env import env
-from coalora_edge.cli.eval import eval
-from coalora_edge.cli.export import export
-from coalora_edge.cli.inspect import inspect
-from coalora_edge.cli.pareto import pareto
-from coalora_edge.cli.profiles import profiles_app
-from coalora_edge.cli.resolve import resolve
-from coalora_edge.cli.run import run
-from coalora_edge.cli.train import train
-
-app = typer.Typer(
-    name="coalora-edge",
-    cls=OneLineUsageErrors,
-    help="Fine-tune a quantized LLM once, run it on every device (CoA-LoRA -> llama.cpp / ONNX Runtime).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-@app.callback()
-def _group() -> None:
-    """Fine-tune a quantized LLM once, run it on every device."""
-
-
-app.command()(inspect)
-app.command()(train)
-app.command()(eval)
-app.command()(pareto)
-app.add_typer(profiles_app, name="profiles")
-app.command()(resolve)
-app.command()(export)
-app.command()(run)
-app.command()(demo)
-app.command()(env)
+EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 130  # cli/common.py's EXIT_CODES, before anything is imported
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -57,16 +21,24 @@ def main() -> None:
     # output comes back; Python's default would end the process on the spot.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        from coalora_edge.cli.commands import app
+
         app()
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # a bug, not bad input: say so and how to report it
         if os.environ.get("COALORA_DEBUG"):
             raise
-        err_console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e} "
-            "(rerun with COALORA_DEBUG=1 for the traceback and report it)",
-            highlight=False, soft_wrap=True,
-        )
+        print(f"internal error: {type(e).__name__}: {e} (rerun with COALORA_DEBUG=1 for the traceback and report it)",
+              file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
+
+
+def __getattr__(name: str) -> object:
+    """``coalora_edge.cli.app`` (the Typer app, for CliRunner), imported on first use."""
+    if name == "app":
+        from coalora_edge.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

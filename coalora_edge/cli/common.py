@@ -36,7 +36,7 @@ EXIT_CODES = {
     6: "not enough memory or disk for the job",
     130: "interrupted (Ctrl-C or SIGTERM); temporary outputs removed",
 }
-EXIT_INTERNAL, EXIT_USAGE, EXIT_RESOURCES, EXIT_INTERRUPTED = 1, 2, 6, 130
+EXIT_USAGE, EXIT_RESOURCES = 2, 6
 #: errno values of a full disk or quota; safetensors (Rust) reports them only in its message
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 

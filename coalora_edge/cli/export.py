@@ -80,10 +80,12 @@ def render(report: dict[str, Any], out: Path) -> None:
     for name, f in report["files"].items():
         files.add_row(name, f"{f['bytes']:,}", format_size(f["bytes"]))
     console.print(files)
-    checks = Table("verification", "KL (nats)", "top-1", title="next-token agreement on the verification prompts")
+    checks = Table("verification", "KL (nats)", "top-1", "top-1, decisive", "positions",
+                   title="next-token agreement on the verification prompts and calibration text")
     for label, figures in report["verification"].items():
         if isinstance(figures, dict) and {"kl", "top1"} <= figures.keys():
-            checks.add_row(label.replace("_", " "), f"{figures['kl']:.3g}", f"{figures['top1']:.3f}")
+            checks.add_row(label.replace("_", " "), f"{figures['kl']:.3g}", f"{figures['top1']:.3f}",
+                           f"{figures['decisive_top1']:.3f}", f"{figures['decisive_positions']}/{figures['positions']}")
     console.print(checks)
     memory = report.get("memory")
     if memory:

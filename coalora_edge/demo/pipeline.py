@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import yaml
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from coalora_edge.bundle.restore import Restored, restore
 from coalora_edge.bundle.store import Bundle, PARETO, load_bundle, train_bundle
@@ -38,6 +38,7 @@ from coalora_edge.demo.report import markdown
 from coalora_edge.fileio import atomic_write_bytes, atomic_write_json, build_in_place
 from coalora_edge.model.evaluate import lm_score
 from coalora_edge.profiles import DeviceProfile, load_profile
+from coalora_edge.progress import LoggedProgress
 from coalora_edge.resolve.resolver import Resolver
 from coalora_edge.runtimes import export_formats, get_runtime
 from coalora_edge.schemes.quantize import bits_per_weight
@@ -231,7 +232,7 @@ def make_demo(job: DemoJob, progress: Callable[[str], None] = lambda _: None) ->
         bundles[scheme] = job.timed(f"train {scheme}", lambda: train(job, base, data, scheme))
     progress("Pareto fronts, resolving and exporting for each device")
     rows, summaries = [], {}
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     task = bar.add_task("devices", total=len(DEVICES))
     with bar:
         for scheme, bundle in bundles.items():

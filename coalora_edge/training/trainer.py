@@ -41,6 +41,7 @@ from coalora_edge.adapter.config_model import CONFIG_MODELS
 from coalora_edge.adapter.methods import TRAINING_METHODS
 from coalora_edge.adapter.model import CoALoRAModel
 from coalora_edge.errors import CoaloraError
+from coalora_edge.progress import LoggedProgress
 from coalora_edge.schemes.quantize import Configuration
 from coalora_edge.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coalora_edge.training.data import TokenBlocks
@@ -337,7 +338,7 @@ def _diff(a: TrainSettings, b: TrainSettings) -> str:
 def progress_bar(total: int, batch_tokens: int, enabled: bool = True,
                  label: str = "training") -> tuple[Progress, Callable[[int, float], None]]:
     """A Rich progress bar showing loss and tokens/s, and the callback that advances it."""
-    progress = Progress(
+    progress = LoggedProgress(
         TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,

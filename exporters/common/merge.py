@@ -31,10 +31,10 @@ import torch
 
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import CoaloraError, DataError
+from coalora_edge.exporters.common.calibration import text_blocks
 from coalora_edge.schemes.base import Format
 from coalora_edge.schemes.feedback import GroupQuantizer, feedback_round
 from coalora_edge.schemes.quantize import Configuration
-from coalora_edge.training.data import load_blocks
 
 ROUNDINGS = ("nearest", "feedback")
 #: calibration blocks (of the training sequence length) the second moments are taken over
@@ -65,18 +65,15 @@ def checked_rounding(restored: Restored, adapter_mode: str, rounding: str | None
 def calibration_blocks(restored: Restored, calibration: Path | None = None,
                        blocks: int = CALIBRATION_BLOCKS) -> torch.Tensor:
     """Token blocks ``(n, seq_len)`` of the calibration text: ``calibration`` or the training data."""
-    training = restored.bundle.manifest.training
-    sources = [str(calibration)] if calibration else list(getattr(training, "data", None) or [])
-    seq_len = int(getattr(training, "seq_len", 0) or 256)
-    if not sources:
-        raise CoaloraError("feedback rounding needs calibration text and the bundle names no training data; "
-                           "pass --calibration FILE or --rounding nearest")
     try:
-        split = load_blocks(restored.tokenizer, sources, seq_len)
+        found = text_blocks(restored, calibration, blocks)
     except DataError as e:
         raise DataError(f"feedback rounding needs calibration text: {e}; pass --calibration FILE or "
                         "--rounding nearest") from None
-    return split.train[:blocks]
+    if found is None:
+        raise CoaloraError("feedback rounding needs calibration text and the training data the bundle names is "
+                           "not readable here; pass --calibration FILE or --rounding nearest")
+    return found
 
 
 def targets(restored: Restored, config: Configuration) -> dict[str, torch.Tensor]:
