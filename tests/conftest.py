@@ -114,10 +114,11 @@ def readme_snippet(heading: str, lang: str = "python") -> str:
 
 
 def run_snippet(code: str, cwd: Path, lang: str = "python", timeout: float = 600) -> str:
-    """Run ``code`` in a fresh process in ``cwd`` (one thread); its stdout, or fail with its stderr."""
+    """Run ``code`` in a fresh process in ``cwd`` (one thread); its stdout, or fail with its stderr. A tiny
+    random model may print bytes that are not UTF-8: they are replaced."""
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-e", "-c", code]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+                          errors="replace", timeout=timeout)
     assert done.returncode == 0, f"the README's snippet failed:\n{code}\n{done.stderr[-3000:]}"
     return done.stdout

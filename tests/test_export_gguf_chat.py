@@ -83,4 +83,5 @@ def test_readme_llamacpp_python_snippet(chat_exports, tmp_path):
                     "(llama-cpp-python ships the library only)")
 def test_readme_llamacpp_cli_snippet(chat_exports, tmp_path):
     (tmp_path / "gguf-export").symlink_to(chat_exports[1]["sidecar"])
-    run_snippet(readme_snippet("llama.cpp", "bash"), tmp_path)
+    printed = run_snippet(readme_snippet("llama.cpp", "bash"), tmp_path, "bash")
+    assert printed.count("Once upon a time") == 2, printed  # the completions echo their prompt
