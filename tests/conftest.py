@@ -3,8 +3,10 @@ tiny models built from configs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +124,29 @@ def run_snippet(code: str, cwd: Path, lang: str = "python", timeout: float = 600
                           errors="replace", timeout=timeout)
     assert done.returncode == 0, f"the README's snippet failed:\n{code}\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def demo_kind_exports(root: Path, tiny_llama: Path, text: Path, exporter, scheme: str, choices: list[str],
+                      budget: float, chat_template: str | None = None, **options) -> tuple[Path, dict[str, Path]]:
+    """A copy of ``tiny_llama`` with the demo's kind of tokenizer (demo/base_model.py: a plain
+    PreTrainedTokenizerFast, byte-fallback BPE), trained on ``text`` for a few steps, and its
+    merged and sidecar exports by ``exporter`` of one configuration cycling ``choices``:
+    (model folder, {mode: export folder})."""
+    from coalora_edge.bundle.restore import restore
+    from coalora_edge.bundle.store import load_bundle, train_bundle
+    from coalora_edge.demo.base_model import train_tokenizer
+    from coalora_edge.training.job import TrainJob
+    from coalora_edge.training.trainer import TrainSettings
+
+    model = shutil.copytree(tiny_llama, root / "llama")
+    tokenizer = train_tokenizer(text.read_text()[:200_000], json.loads((model / "config.json").read_text())["vocab_size"])
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(model)
+    bundle = train_bundle(TrainJob(model=str(model), data=[str(text)], out=root / "bundle", scheme=scheme, seq_len=32,
+                                   budgets=[budget], choices=choices, calib_blocks=4, eval_blocks=4, show_progress=False,
+                                   settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2)))
+    restored = restore(load_bundle(bundle.path))
+    config = {m.name: choices[i % len(choices)] for i, m in enumerate(restored.wrapper.matrices)}
+    for mode in ("merged", "sidecar"):
+        exporter(restored, config, root / mode, adapter_mode=mode, **options)
+    return model, {mode: root / mode for mode in ("merged", "sidecar")}

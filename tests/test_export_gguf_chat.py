@@ -10,13 +10,8 @@ import llama_cpp
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import readme_snippet, run_snippet
-from coalora_edge.bundle.restore import restore
-from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.demo.base_model import train_tokenizer
+from conftest import demo_kind_exports, readme_snippet, run_snippet
 from coalora_edge.exporters.gguf import export as gguf_export
-from coalora_edge.training.job import TrainJob
-from coalora_edge.training.trainer import TrainSettings
 
 pytestmark = pytest.mark.slow  # trains a bundle, exports in llama.cpp, runs snippets in subprocesses
 
@@ -29,30 +24,12 @@ MESSAGES = [{"role": "system", "content": "You tell short stories."},
             {"role": "user", "content": "Tell me a story about a dog."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
 @pytest.fixture(scope="module")
-def chat_exports(tiny_model_dir, own_text, tmp_path_factory):
-    """mode -> a GGUF export of a tiny trained Llama whose tokenizer has a chat template."""
-    root = tmp_path_factory.mktemp("gguf-chat")
-    model = shutil.copytree(tiny_model_dir("llama", vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2), root / "llama")
-    tokenizer = train_tokenizer(own_text.read_text()[:200_000], VOCAB)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model)
-    bundle = train_bundle(TrainJob(model=str(model), data=[str(own_text)], out=root / "bundle", scheme="gguf",
-                                   seq_len=32, budgets=[6.0], choices=CHOICES, calib_blocks=4, eval_blocks=4,
-                                   show_progress=False,
-                                   settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2)))
-    restored = restore(load_bundle(bundle.path))
-    config = {m.name: CHOICES[i % len(CHOICES)] for i, m in enumerate(restored.wrapper.matrices)}
-    found = {}
-    for mode in ("merged", "sidecar"):
-        found[mode] = root / mode
-        gguf_export.export(restored, config, found[mode], adapter_mode=mode)
-    return model, found
+def chat_exports(one_torch_thread, tiny_model_dir, own_text, tmp_path_factory):
+    """(model folder, mode -> GGUF export) of a tiny trained Llama whose tokenizer has a chat template."""
+    tiny = tiny_model_dir("llama", vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2)
+    return demo_kind_exports(tmp_path_factory.mktemp("gguf-chat"), tiny, own_text, gguf_export.export, "gguf", CHOICES,
+                             6.0, chat_template=CHAT_TEMPLATE)
 
 
 @pytest.mark.parametrize("mode", ["merged", "sidecar"])

@@ -8,24 +8,18 @@ PreTrainedTokenizerFast: the kind whose default model_input_names include token_
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnxruntime_genai as og
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import readme_snippet, run_snippet
-from coalora_edge.bundle.restore import restore
-from coalora_edge.bundle.store import load_bundle, train_bundle
-from coalora_edge.demo.base_model import train_tokenizer
+from conftest import demo_kind_exports, readme_snippet, run_snippet
 from coalora_edge.exporters.common.tokenizer import DECODER_INPUTS
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE, export
 from coalora_edge.exporters.onnx.generate import generate
 from coalora_edge.exporters.onnx.genai import CONFIG_FILE
-from coalora_edge.training.job import TrainJob
-from coalora_edge.training.trainer import TrainSettings
 
 pytestmark = pytest.mark.slow  # trains a bundle, exports in ONNX Runtime, runs snippets in subprocesses
 
@@ -36,27 +30,12 @@ PROMPT = "Once upon a time"
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
 @pytest.fixture(scope="module")
-def exports(tiny_model_dir, own_text, tmp_path_factory):
+def exports(one_torch_thread, tiny_model_dir, own_text, tmp_path_factory):
     """mode -> the folder of an ONNX export of a tiny trained Llama, merged and sidecar."""
-    root = tmp_path_factory.mktemp("onnx-stack")
-    model = shutil.copytree(tiny_model_dir("llama", vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2), root / "llama")
-    train_tokenizer(own_text.read_text()[:200_000], VOCAB).save_pretrained(model)
-    bundle = train_bundle(TrainJob(model=str(model), data=[str(own_text)], out=root / "bundle", scheme="onnx",
-                                   seq_len=32, budgets=[4.5], choices=CHOICES, eval_blocks=4, show_progress=False,
-                                   settings=TrainSettings(steps=4, batch_size=4, rank=4, alpha=8, lr=1e-2)))
-    restored = restore(load_bundle(bundle.path))
-    config = {m.name: CHOICES[i % len(CHOICES)] for i, m in enumerate(restored.wrapper.matrices)}
-    found = {}
-    for mode in ("merged", "sidecar"):
-        found[mode] = root / mode
-        export(restored, config, found[mode], adapter_mode=mode, threads=1)
-    return found
+    tiny = tiny_model_dir("llama", vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2)
+    return demo_kind_exports(tmp_path_factory.mktemp("onnx-stack"), tiny, own_text, export, "onnx", CHOICES, 4.5,
+                             threads=1)[1]
 
 
 def _genai_greedy(folder, prompt_ids: list[int], new_tokens: int) -> list[int]:

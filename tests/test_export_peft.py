@@ -31,13 +31,8 @@ TEXT = "The little dog ran to the garden, and the sun was warm on the grass."
 ROUNDING = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    yield
-
-
 @pytest.fixture(scope="module")
-def bundles(tiny_model_dir, own_model, own_text, tmp_path_factory):
+def bundles(one_torch_thread, tiny_model_dir, own_model, own_text, tmp_path_factory):
     """A gguf bundle of a tiny Llama and an onnx bundle of a tiny Qwen2 (biases on q/k/v),
     own_model's tokenizer, trained for a few steps so that B M is far from zero."""
     root = tmp_path_factory.mktemp("peft-bundles")
