@@ -17,6 +17,7 @@ from conftest import readme_snippet, run_snippet
 from coalora_edge.bundle.restore import restore
 from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.cli.commands import app
+from coalora_edge.errors import ExportError
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.peft import export as peft_export
 from coalora_edge.fileio import sha256_file
@@ -114,3 +115,11 @@ def test_bad_options_are_one_line(bundles, tmp_path, args, message):
                                     "--out", str(tmp_path / "o"), *args])
     assert done.exit_code == 3 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_verification_leaves_nothing(bundles, tmp_path, monkeypatch):
+    monkeypatch.setattr(peft_export, "EXACT_TOLERANCE", 0.0)  # float rounding itself now fails the check
+    restored = restore(load_bundle(bundles["gguf"]))
+    with pytest.raises(ExportError, match="does not compute what was trained"):
+        peft_export.export(restored, restored.bundle.configs()[0], tmp_path / "peft-export")
+    assert list(tmp_path.iterdir()) == []
