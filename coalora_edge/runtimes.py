@@ -30,7 +30,7 @@ class Runtime:
     format_examples: str  # a format name and a pattern, for error messages
     artifact: str = ""  # the model file an export folder holds ("" where nothing exports to it)
     exporter: str = ""  # hook: module whose ``export(restored, config, out, ...)`` writes the artifact
-    generate: str = ""  # hook: (model file, prompt, max_tokens, threads) -> text, greedy
+    stream: str = ""  # hook: (model file, prompt, max_tokens, threads) -> the greedy text, piece by piece
     perplexity: str = ""  # hook: (export folder, blocks (n, T), threads) -> perplexity in the runtime
 
     @property
@@ -97,7 +97,7 @@ register(Runtime(
     base_types=("Q8_0", "F16", "F32"),
     min_decode_ratio=0.95, format_examples="Q4_K or Q?_K",
     artifact="model.gguf", exporter="coalora_edge.exporters.gguf.export",
-    generate="coalora_edge.exporters.gguf.llamacpp:generate",
+    stream="coalora_edge.exporters.gguf.llamacpp:stream",
     perplexity="coalora_edge.exporters.common.perplexity:llamacpp_perplexity",
 ))
 register(Runtime(
@@ -111,6 +111,6 @@ register(Runtime(
     # no measured kernel costs; at accuracy level 4 mixed models decode as fast as uniform ones
     min_decode_ratio=0.0, format_examples="int4_b32_asym or int4_*",
     artifact="model.onnx", exporter="coalora_edge.exporters.onnx.export",
-    generate="coalora_edge.exporters.onnx.generate:generate",
+    stream="coalora_edge.exporters.onnx.generate:stream",
     perplexity="coalora_edge.exporters.common.perplexity:onnx_perplexity",
 ))

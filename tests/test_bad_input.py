@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 #: cases whose command line does not parse (click's usage errors): exit code 2, not 3
 USAGE = {"inspect-usage", "train-budget-not-number", "eval-zero-blocks", "eval-zero-batch", "export-accuracy-level-range",
          "run-zero-tokens", "train-budget-nan", "train-budget-inf", "train-budget-100", "train-budget-empty-item",
-         "train-choices-empty", "inspect-choices-empty", "train-negative-budget"}
+         "train-choices-empty", "inspect-choices-empty", "train-negative-budget", "run-threads-too-many"}
 #: folder every case may write into; it must be unchanged after the case
 OUT = "{work}/out"
 
@@ -419,6 +419,8 @@ CASES = [
     case("export-out-in-a-file", "export", "{bundle}", "--out", "{text}/out", "--bpw", "9", message="cannot write"),
     # run
     case("run-missing", "run", "{missing}.gguf", "--prompt", "hi", message="not found"),
+    case("run-threads-too-many", "run", "{artifacts/random.gguf}", "--prompt", "hi", "--threads", "100000",
+         message="less than or equal to 512"),  # found by tests/test_cli_fuzz.py: llama.cpp aborted
     case("run-unknown-suffix", "run", "{artifacts/model.bin}", "--prompt", "hi", message="known model files are"),
     case("run-empty-folder", "run", "{plain_folder}", "--prompt", "hi", message="holds no single model file"),
     case("run-random-gguf", "run", "{artifacts/random.gguf}", "--prompt", "hi", message="not a readable GGUF"),

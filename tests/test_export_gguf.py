@@ -24,7 +24,7 @@ from coalora_edge.cli.commands import app
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.gguf import export as gguf_export
 from coalora_edge.exporters.gguf.arch import Target, rope_row_order
-from coalora_edge.exporters.gguf.llamacpp import Artifact, read_gguf, unencodable
+from coalora_edge.exporters.gguf.llamacpp import Artifact, generate, read_gguf, stream, unencodable
 from coalora_edge.model.loading import load_model
 from coalora_edge.profiles import load_profile
 from coalora_edge.resolve.non_adapted import base_tensors
@@ -385,3 +385,10 @@ def test_run_keeps_to_the_context(exports, own_model):
     assert len(tokenizer(prompt + text).input_ids) <= context + 1
     result = cli("run", out, "--prompt", "caf\udce9")
     assert result.exit_code == 3 and "not valid UTF-8" in result.stderr
+
+
+    # ... and streams: the pieces come one by one and add up to the text `run` prints
+    pieces = list(stream(out, prompt, 12, threads=1))
+    assert len(pieces) >= 2 and "".join(pieces) == generate(out, prompt, 12, threads=1)
+    printed = cli("run", out, "--prompt", prompt, "--max-tokens", "12", "--threads", "1")
+    assert printed.exit_code == 0 and printed.stdout == prompt + "".join(pieces) + "\n"

@@ -24,7 +24,7 @@ from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.onnx import export as onnx_export
 from coalora_edge.exporters.onnx.export import DATA_FILE, MODEL_FILE, export, trained_logits, verify
-from coalora_edge.exporters.onnx.generate import generate
+from coalora_edge.exporters.onnx.generate import generate, stream
 from coalora_edge.exporters.onnx.graph import MS_DOMAIN, NBITS_OP, initializer_bytes
 from coalora_edge.exporters.onnx.session import open_session
 from coalora_edge.model.synthetic import build_tiny_model
@@ -299,3 +299,10 @@ def test_run_keeps_to_the_context(bundles, tmp_path):
     assert 0 < len(restored.tokenizer(text, add_special_tokens=False).input_ids) <= context - len(prompt_ids) + 2
     result = cli("run", out, "--prompt", "caf\udce9")
     assert result.exit_code == 3 and "not valid UTF-8" in result.stderr
+
+
+    # ... and streams: the pieces come one by one and add up to the text `run` prints
+    pieces = list(stream(out, "Once upon a time", max_tokens=12, threads=1))
+    assert len(pieces) >= 2 and "".join(pieces) == generate(out, "Once upon a time", max_tokens=12, threads=1)
+    printed = cli("run", out, "--prompt", "Once upon a time", "--max-tokens", "12", "--threads", "1")
+    assert printed.exit_code == 0 and printed.stdout == "Once upon a time" + "".join(pieces) + "\n"

@@ -45,7 +45,7 @@ def fake_profile(**fields):
 def test_every_shipped_runtime_has_a_scheme_an_exporter_and_hooks_that_import():
     for runtime in RUNTIMES.values():
         assert for_scheme(runtime.scheme) is runtime
-        for hook in ("compute_bytes", "exporter", "generate", "perplexity"):
+        for hook in ("compute_bytes", "exporter", "stream", "perplexity"):
             assert callable(runtime.hook(hook)) or hasattr(runtime.hook(hook), "export")
     assert set(export_formats()) == {"gguf", "onnx"}
 

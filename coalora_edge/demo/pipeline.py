@@ -195,7 +195,7 @@ def ship(job: DemoJob, device: DemoDevice, restored: Restored, resolver: Resolve
         with restored.wrapper.without_adapter():
             no_adapter = lm_score(restored.wrapper, blocks).perplexity
     in_runtime = job.timed("measure", lambda: runtime.hook("perplexity")(folder, blocks, threads=None))
-    text = job.timed("measure", lambda: runtime.hook("generate")(folder, job.prompt, job.plan.sample_tokens))
+    text = job.timed("measure", lambda: "".join(runtime.hook("stream")(folder, job.prompt, job.plan.sample_tokens)))
     return {
         "device": device.name, "runtime": profile.runtime, "adapter_mode": profile.adapter_mode,
         "profile": f"profiles/{device.name}.yaml", "export": f"exports/{device.name}",

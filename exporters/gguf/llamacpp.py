@@ -146,8 +146,9 @@ def model_bytes(llm) -> int:
     return int(llama_cpp.llama_model_size(llm.model))
 
 
-def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = None) -> str:
-    """Greedy continuation of ``prompt`` by the artifact at ``path`` (adapter applied if present)."""
+def stream(path: Path, prompt: str, max_tokens: int, threads: int | None = None) -> Iterator[str]:
+    """Greedy continuation of ``prompt`` by the artifact at ``path`` (adapter applied if
+    present), piece by piece as llama.cpp generates it; the files and prompt are checked before."""
     artifact = Artifact.find(path)
     reader = check_artifact(artifact)
     bad = unencodable(reader, prompt)
@@ -159,10 +160,26 @@ def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = Non
         raise ExportError(f"{artifact.model} records no {key}, which llama.cpp needs; re-export the model")
     # Room for the prompt (at most a token per byte, plus BOS) and the continuation.
     n_ctx = min(len(prompt.encode()) + 1 + max_tokens, trained)
-    with open_llama(artifact, n_ctx=n_ctx, threads=threads, logits_all=False) as llm:
+    opened = contextlib.ExitStack()
+    llm = opened.enter_context(open_llama(artifact, n_ctx=n_ctx, threads=threads, logits_all=False))
+    try:
         budget = new_tokens(len(llm.tokenize(prompt.encode(), add_bos=True)), max_tokens, trained)
-        out = llm.create_completion(prompt, max_tokens=budget, temperature=0.0)
-    return out["choices"][0]["text"]
+    except BaseException:
+        opened.close()
+        raise
+    return _pieces(opened, llm, prompt, budget)
+
+
+def _pieces(opened: contextlib.ExitStack, llm, prompt: str, budget: int) -> Iterator[str]:
+    """llama.cpp's streamed completion; the model closes when it ends or is abandoned."""
+    with opened:
+        for chunk in llm.create_completion(prompt, max_tokens=budget, temperature=0.0, stream=True):
+            yield chunk["choices"][0]["text"]
+
+
+def generate(path: Path, prompt: str, max_tokens: int, threads: int | None = None) -> str:
+    """The whole continuation of ``stream``."""
+    return "".join(stream(path, prompt, max_tokens, threads))
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str, imatrix: Mapping[str, np.ndarray] | None = None,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from coalora_edge.errors import ExportError
-from coalora_edge.exporters.common.generation import new_tokens
+from coalora_edge.exporters.common.generation import new_tokens, text_pieces
 from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE
@@ -46,8 +46,9 @@ def context_length(folder: Path) -> int:
     return context
 
 
-def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
-    """Greedy continuation of ``prompt`` by the export at ``path`` (its folder or model.onnx)."""
+def stream(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> Iterator[str]:
+    """Greedy continuation of ``prompt`` by the export at ``path`` (its folder or model.onnx),
+    piece by piece as it is generated; the folder and the prompt are checked before."""
     from transformers import AutoTokenizer
 
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
@@ -58,7 +59,10 @@ def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None 
     if not prompt_ids:
         raise ExportError("the prompt encodes to no tokens; pass some text")
     budget = new_tokens(len(prompt_ids), max_tokens, context_length(folder))
-    new = ort.greedy(session, prompt_ids, budget, tokenizer.eos_token_id)
-    # Decoded after the prompt, not alone: SentencePiece-style decoders drop a leading space.
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    return tokenizer.decode(prompt_ids + new, skip_special_tokens=True)[len(prompt_text):]
+    tokens = ort.greedy_tokens(session, prompt_ids, budget, tokenizer.eos_token_id)
+    return text_pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), prompt_ids, tokens)
+
+
+def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
+    """The whole continuation of ``stream``."""
+    return "".join(stream(path, prompt, max_tokens, threads))

@@ -9,6 +9,7 @@ The graph is optimum's ``text-generation-with-past`` layout: inputs ``input_ids`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -75,15 +76,19 @@ def logits_through_cache(session, ids: np.ndarray) -> np.ndarray:
     return np.concatenate([head, tail], axis=1)
 
 
-def greedy(session, prompt: list[int], max_tokens: int, eos: int | None) -> list[int]:
-    """Greedy decoding with the KV cache: the new tokens after ``prompt``."""
-    ids, past, start, new = np.array([prompt]), _empty_past(session, 1), 0, []
+def greedy_tokens(session, prompt: list[int], max_tokens: int, eos: int | None) -> Iterator[int]:
+    """Greedy decoding with the KV cache: the new tokens after ``prompt``, as they come."""
+    ids, past, start = np.array([prompt]), _empty_past(session, 1), 0
     for _ in range(max_tokens):
         out, past = _step(session, ids, past, start)
         start += ids.shape[1]
         token = int(out[0, -1].argmax())
-        new.append(token)
+        yield token
         if token == eos:
-            break
+            return
         ids = np.array([[token]])
-    return new
+
+
+def greedy(session, prompt: list[int], max_tokens: int, eos: int | None) -> list[int]:
+    """The new tokens of ``greedy_tokens``, all at once."""
+    return list(greedy_tokens(session, prompt, max_tokens, eos))
