@@ -38,6 +38,7 @@ from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import ExportError, SchemeError
 from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.calibration import verification_ids
+from coalora_edge.exporters.common.exact import exact_figures
 from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, DECISIVE_MARGIN, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures,
     header, keep, memory_check, memory_figures,
@@ -266,18 +267,12 @@ def verify(folder: Path, planned: Mapping[str, Planned], ids: list[torch.Tensor]
         save_model(model, Path(copy), EXTERNAL_DATA_BYTES)
         del model
         exact = _runtime_logits(ort.open_session(Path(copy) / MODEL_FILE, threads), ids)
-    max_abs_diff = float((reference - exact).abs().max())
-    relative = max_abs_diff / float(reference.abs().max())
-    if not relative <= EXACT_TOLERANCE:  # also catches NaN
-        raise ExportError(
-            f"ONNX Runtime at accuracy level 0 differs from the PyTorch model by {max_abs_diff:.3g} (relative "
-            f"{relative:.3g} > {EXACT_TOLERANCE:g}): the graph does not compute what was trained; report this bug"
-        )
+    exactness = exact_figures(reference, exact, EXACT_TOLERANCE, "ONNX Runtime at accuracy level 0",
+                              "the PyTorch model")
     shipped = exact if accuracy_level == 0 else _runtime_logits(ort.open_session(folder / MODEL_FILE, threads), ids)
     figures = {
         "initializers_equal_scheme": True,
-        "exact": {**agreement(reference, exact).as_dict(), "max_abs_diff": max_abs_diff, "relative": relative,
-                  "tolerance": EXACT_TOLERANCE},
+        "exact": exactness,
         "runtime_vs_artifact": agreement(reference, shipped).as_dict(),
         "thresholds": {"max_kl": MAX_KL, "min_top1": MIN_TOP1, "decisive_margin": DECISIVE_MARGIN},
     }
