@@ -21,9 +21,9 @@ from coalora_edge.bundle.store import load_bundle, train_bundle
 from coalora_edge.cli.commands import app
 from coalora_edge.errors import ExportError, OutputExistsError
 from coalora_edge.exporters.common import merge
-from coalora_edge.exporters.common.report import REPORT_FILE
+from coalora_edge.exporters.common.report import REPORT_FILE, trained_logits
 from coalora_edge.exporters.onnx import export as onnx_export
-from coalora_edge.exporters.onnx.export import DATA_FILE, MODEL_FILE, export, trained_logits, verify
+from coalora_edge.exporters.onnx.export import DATA_FILE, MODEL_FILE, export, verify
 from coalora_edge.exporters.onnx.generate import generate, stream
 from coalora_edge.exporters.onnx.graph import MS_DOMAIN, NBITS_OP, initializer_bytes
 from coalora_edge.exporters.onnx.session import open_session

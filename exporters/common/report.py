@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -86,6 +86,19 @@ def agreement(reference: torch.Tensor, runtime: torch.Tensor) -> Agreement:
     decisive = top2[:, 0] - top2[:, -1] >= DECISIVE_MARGIN
     return Agreement(float(kl.mean()), float(kl.max()), float(agrees.double().mean()), ref.shape[0],
                      float(agrees[decisive].double().mean()) if decisive.any() else 1.0, int(decisive.sum()))
+
+
+def logits(model: torch.nn.Module, ids: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(positions, V)`` fp32 over every sequence of ``ids`` (each ``(1, T)``)."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=i).logits[0].float() for i in ids])
+
+
+def trained_logits(restored: Restored, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained model's logits, and the same configuration's without the adapter."""
+    trained = logits(restored.wrapper, ids)
+    with restored.wrapper.without_adapter():
+        return trained, logits(restored.wrapper, ids)
 
 
 def fold_figures(fold: Agreement, adapter_effect: Agreement) -> dict[str, Any]:

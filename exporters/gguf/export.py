@@ -35,7 +35,7 @@ from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import CoaloraError, ExportError, SchemeError
 from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, DECISIVE_MARGIN, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures,
-    header, keep, memory_check, memory_figures,
+    header, keep, logits, memory_check, memory_figures, trained_logits,
 )
 from coalora_edge.exporters.common import merge
 from coalora_edge.exporters.common.calibration import verification_ids
@@ -196,18 +196,12 @@ def verify(restored: Restored, tensors: Tensors, artifact: llamacpp.Artifact, ad
     unspellable = sorted({c for p in prompts for c in llamacpp.unencodable(reader, p)})
     if unspellable:
         raise ExportError(f"the model's vocabulary cannot spell {''.join(unspellable)!r}; verify with other prompts")
-
-    def logits() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([wrapper(input_ids=torch.tensor([i])).logits[0].float() for i in ids])  # (positions, V)
-
-    trained = logits()
-    with wrapper.without_adapter():
-        quantized = logits()
+    sequences = [torch.tensor([i]) for i in ids]
+    trained, quantized = trained_logits(restored, sequences)
     with as_artifact(restored, tensors, adapter_mode, adapted_only=True):
-        folded = logits()
+        folded = logits(wrapper, sequences)
     with as_artifact(restored, tensors, adapter_mode):
-        simulated = logits()
+        simulated = logits(wrapper, sequences)
     with llamacpp.open_llama(artifact, n_ctx=max(map(len, ids))) as llm:
         runtime = torch.cat([llamacpp.runtime_logits(llm, i) for i in ids])
         tokenizer_agrees = all(llm.tokenize(p.encode(), add_bos=True, special=False) == tokenizer(p)["input_ids"]

@@ -41,7 +41,7 @@ from coalora_edge.exporters.common.calibration import verification_ids
 from coalora_edge.exporters.common.exact import exact_figures
 from coalora_edge.exporters.common.report import (
     ADAPTER_MODES, DECISIVE_MARGIN, Check, agreement, agreement_checks, check_resources, expected_sizes, fold_figures,
-    header, keep, memory_check, memory_figures,
+    header, keep, logits, memory_check, memory_figures, trained_logits,
 )
 from coalora_edge.exporters.common.tokenizer import keep_decoder_inputs
 from coalora_edge.exporters.onnx import genai
@@ -233,26 +233,13 @@ def save_model(model: onnx.ModelProto, folder: Path, external_data_bytes: int) -
                     all_tensors_to_one_file=True, location=DATA_FILE)
 
 
-def _logits(model: torch.nn.Module, ids: list[torch.Tensor]) -> torch.Tensor:
-    """``(positions, V)`` over every prompt."""
-    with torch.no_grad():
-        return torch.cat([model(input_ids=i).logits[0].float() for i in ids])
-
-
-def trained_logits(restored: Restored, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained model's logits, and the same configuration's without the adapter."""
-    trained = _logits(restored.wrapper, ids)
-    with restored.wrapper.without_adapter():
-        return trained, _logits(restored.wrapper, ids)
-
-
 def _folded_logits(plain: torch.nn.Module, planned: Mapping[str, Planned], ids: list[torch.Tensor]) -> torch.Tensor:
     """What the merged file computes: the base with each weight replaced by its dequantized
     folded weight (``plain`` is modified; it has been exported already)."""
     with torch.no_grad():
         for name, p in planned.items():
             plain.get_submodule(name).weight.copy_(dequantize(p.quant))
-    return _logits(plain, ids)
+    return logits(plain, ids)
 
 
 def verify(folder: Path, planned: Mapping[str, Planned], ids: list[torch.Tensor], reference: torch.Tensor,

@@ -39,9 +39,8 @@ from coalora_edge import resources
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import RuntimeLibraryError, SchemeError
 from coalora_edge.exporters.common.exact import exact_figures
-from coalora_edge.exporters.common.report import header, keep
+from coalora_edge.exporters.common.report import header, keep, trained_logits
 from coalora_edge.exporters.common.tokenizer import keep_decoder_inputs
-from coalora_edge.exporters.onnx.export import trained_logits
 from coalora_edge.fileio import atomic_dir, atomic_write_json, sha256_file
 from coalora_edge.model.loading import load_model
 from coalora_edge.profiles import DeviceProfile
