@@ -4,11 +4,18 @@ configuration-aware LoRA (PEFT's pattern, a thin wrapper around the frozen base 
     y = x Q_c(W)^T + b + s * x A^T M^T B^T,        s = alpha / r
 
 where ``Q_c(W)`` is set by the owning :class:`~coalora_edge.adapter.model.CoALoRAModel`
-and ``M`` is the configuration model's ``(r, r)`` output (None stands for I)."""
+and ``M`` is the configuration model's ``(r, r)`` output (None stands for I). Merge-aware
+(the owner sets ``quantizer``), the layer computes what a merged export stores instead,
+
+    y = x Q_c(W + s B M A)^T + b
+
+with a straight-through gradient through ``Q_c``, so A, B and M learn the weight that
+survives the format's rounding."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,13 @@ from coalora_edge.errors import CoaloraError
 def collapse(lora_B: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     """B' = B M ``(out, r)``: the plain-LoRA B of one configuration (None stands for I)."""
     return lora_B if M is None else lora_B @ M
+
+
+def fold(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + s B' A`` fp32 ``(out, in)``: the merged weight, as merge-aware training and every
+    merged export compute it. One expression (dtype and order of operations included), so that
+    the format's quantizer gets the same floats in both and the stored bytes are the trained ones."""
+    return weight.float() + scaling * (lora_B.float() @ lora_A.float())  # (out, in)
 
 
 class CoALoRALinear(nn.Module):
@@ -46,15 +60,19 @@ class CoALoRALinear(nn.Module):
         self.M: torch.Tensor | None = None  # (r, r); None is the identity
         self.merged_weight: torch.Tensor | None = None  # (out, in) Q_c(W) + s B M A while merged
         self.adapter_enabled = True  # off inside CoALoRAModel.without_adapter()
+        #: merge-aware: the current format's quantize -> dequantize, fp32 (out, in) -> (out, in)
+        self.quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._require_config()
         bias = self.base_layer.bias
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight, bias)
-        y = F.linear(x, self.quantized, bias)  # (..., out)
         if self.lora_A is None or not self.adapter_enabled:
-            return y
+            return F.linear(x, self.quantized, bias)
+        if self.quantizer is not None:
+            return F.linear(x, self.merge_aware_weight(), bias)
+        y = F.linear(x, self.quantized, bias)  # (..., out)
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         if self.M is not None:
             h = F.linear(h, self.M)  # (..., r): h M^T
@@ -70,8 +88,18 @@ class CoALoRALinear(nn.Module):
         A, B = self.collapsed()
         return self.scaling * (B @ A)
 
+    def merge_aware_weight(self) -> torch.Tensor:
+        """``Q_c(W + s B M A)`` ``(out, in)`` in the base dtype, differentiable straight through ``Q_c``."""
+        A, B = self.collapsed()
+        folded = fold(self.base_layer.weight, A, B, self.scaling)  # (out, in) fp32
+        rounded = self.quantizer(folded.detach())
+        # rounded + (folded - folded) is exactly ``rounded`` in floats (x - x is 0), where the usual
+        # folded + (rounded - folded).detach() can be off by an ulp: the trained bytes must be the shipped ones
+        return (rounded + (folded - folded.detach())).to(self.base_layer.weight.dtype)
+
     def merge(self) -> None:
-        """Compute with ``Q_c(W) + s B M A`` from now on; refuses a non-finite result.
+        """Compute with ``Q_c(W) + s B M A`` (merge-aware: ``Q_c(W + s B M A)``) from now on;
+        refuses a non-finite result.
 
         The cached Q_c(W) is never written (other configurations' switches read it), so
         unmerging is exact and no PEFT-style ``safe_merge`` copy is needed.
@@ -80,7 +108,10 @@ class CoALoRALinear(nn.Module):
         if self.merged_weight is not None:
             raise CoaloraError("this layer is already merged; call unmerge() first")
         with torch.no_grad():
-            merged = self.quantized + self.delta_weight().to(self.quantized.dtype)  # (out, in)
+            if self.quantizer is not None and self.lora_A is not None:
+                merged = self.merge_aware_weight()  # (out, in): already what the forward computes
+            else:
+                merged = self.quantized + self.delta_weight().to(self.quantized.dtype)  # (out, in)
         if not torch.isfinite(merged).all():
             raise CoaloraError(
                 "merging the adapter gives non-finite weights; the adapter has diverged: "

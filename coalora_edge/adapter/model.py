@@ -59,6 +59,8 @@ class CoALoRAModel(nn.Module):
     to the cache for GGUF types that quantize with an importance matrix. ``config_model``
     names the configuration model's design (config_model.py); the ``table`` design holds
     an M for every matrix in every format of ``choices`` (default: the scheme's).
+    ``merge_aware``: every layer computes ``Q_c(W + s B M A)``, what a merged export of the
+    configuration stores (layer.py), instead of ``Q_c(W) + s B M A``.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class CoALoRAModel(nn.Module):
         imatrix: Mapping[str, torch.Tensor] | None = None,
         config_model: str = CONFIG_MODELS[0],
         choices: Iterable[str] | None = None,
+        merge_aware: bool = False,
     ):
         super().__init__()
         if method not in ADAPTERS:
@@ -82,6 +85,10 @@ class CoALoRAModel(nn.Module):
         if any(isinstance(m, CoALoRALinear) for m in model.modules()):
             raise ModelError("this model is already wrapped by a CoALoRAModel; wrap a freshly loaded model")
         spec = ADAPTERS[method]
+        if merge_aware and not spec.lora:
+            raise CoaloraError(f"merge-aware training folds the LoRA into the weights, and method {method!r} has "
+                               "none; drop --merge-aware or train with --method coa or shared")
+        self.merge_aware = merge_aware
         self.model, self.scheme, self.method = model, scheme, method
         self.rank, self.alpha = rank, alpha
         self.matrices: list[Matrix] = select_matrices(model, matrices)
@@ -115,6 +122,8 @@ class CoALoRAModel(nn.Module):
         for name, layer in self.layers.items():
             w = layer.base_layer.weight
             layer.quantized = weights[name].to(w.device, w.dtype)
+            if self.merge_aware:
+                layer.quantizer = self.cache.quantizer(name, config[name])
         self.config = {m.name: config[m.name] for m in self.matrices}
         self._features = features
         with torch.no_grad():

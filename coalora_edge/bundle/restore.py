@@ -53,7 +53,8 @@ def restore(bundle: Bundle, model: str | None = None, device: str = "cpu") -> Re
     imatrix = bundle.imatrix() if adapter.imatrix else None
     wrapper = CoALoRAModel(base, get_scheme(bundle.scheme), rank=adapter.rank, alpha=adapter.alpha,
                            method=adapter.adapter_method, matrices=[m.name for m in bundle.matrices], imatrix=imatrix,
-                           config_model=adapter.config_model, choices=bundle.choices)
+                           config_model=adapter.config_model, choices=bundle.choices,
+                           merge_aware=adapter.merge_aware)
     state = bundle.adapter_state()
     if adapter.method != "per-config" and state:
         wrapper.load_trainable_state(state)

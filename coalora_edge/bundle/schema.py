@@ -69,6 +69,8 @@ class AdapterEntry(_Strict):
     alpha: Annotated[Finite, Field(gt=0)]
     config_model: Literal[CONFIG_MODELS]  # type: ignore[valid-type]
     imatrix: bool
+    #: trained as Q_c(W + s B M A) (train --merge-aware): exports must be merged, nearest-rounded
+    merge_aware: bool = False
 
 
 class SearchEntry(_Strict):
@@ -199,6 +201,8 @@ def check_manifest(raw: Any, where: str) -> Manifest:
         raise _fail(where, f"LoRA rank {adapter.rank} is larger than an adapted matrix")
     if adapter.adapter_method != TRAINING_METHODS[adapter.method]:
         raise _fail(where, f"method {adapter.method} does not build a {adapter.adapter_method} adapter")
+    if adapter.merge_aware and adapter.method == "none":
+        raise _fail(where, "method none has no LoRA to have trained merge-aware")
     return manifest
 
 

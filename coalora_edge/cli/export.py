@@ -30,7 +30,7 @@ def export(
     fmt: Optional[str] = typer.Option(None, "--format", help=f"Artifact format: {', '.join([*export_formats(), *FRAMEWORK_EXPORTERS])} (default: the bundle's scheme)."),
     config: Optional[Path] = typer.Option(None, help="Export this configuration instead of the profile's: JSON {matrix: format} or a list of formats."),
     bpw: Optional[float] = typer.Option(None, help="Export the best known configuration at or under this many bits per weight."),
-    adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged; peft: sidecar only)."),
+    adapter_mode: Optional[str] = typer.Option(None, help="merged: one self-contained file; sidecar: base as trained + LoRA the runtime applies (default: the profile's, else merged; merged for a bundle trained --merge-aware; peft: sidecar only)."),
     model: Optional[str] = typer.Option(None, help="Base model folder, if it moved since training."),
     rounding: Optional[str] = typer.Option(None, help="Merged files: nearest (default) re-quantizes W + s B'A plainly; feedback picks the codes for the layers' outputs on calibration text (GPTQ)."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration text for --rounding feedback (implies it; default: the training data the bundle names)."),
@@ -43,7 +43,9 @@ def export(
     device = load_profile(profile) if profile else None
     fmt = fmt or b.scheme
     # PEFT applies the LoRA itself: a profile's mode is its device runtime's, not PEFT's
-    mode = adapter_mode or ("sidecar" if fmt in FRAMEWORK_EXPORTERS else device.adapter_mode if device else "merged")
+    # a merge-aware bundle is only what it learned as a merged file, whatever the profile prefers
+    default = "merged" if b.manifest.adapter.merge_aware or not device else device.adapter_mode
+    mode = adapter_mode or ("sidecar" if fmt in FRAMEWORK_EXPORTERS else default)
     if mode not in ADAPTER_MODES:
         raise CoaloraError(f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
     if device:

@@ -69,6 +69,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="Base model dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward (large models)."),
+    merge_aware: bool = typer.Option(False, "--merge-aware", help="Train what a merged export stores, Q(W + s B M A) with a straight-through gradient, instead of Q(W) + s B M A: the merged file is then exactly the trained model (export merged, nearest rounding only)."),
     imatrix: bool = typer.Option(True, help="gguf: quantize with the importance matrix from the calibration blocks, as llama.cpp does."),
     checkpoint_every: int = typer.Option(50, help="Save a resumable checkpoint every N steps (0: only between runs)."),
     resume: bool = typer.Option(False, help="Continue a killed run from BUNDLE.checkpoint/."),
@@ -82,6 +83,7 @@ def train(
         config_model_lr=config_model_lr, weight_decay=weight_decay,
         steps=steps if steps is not None else 0, batch_size=batch_size, k_configs=k_configs, seed=seed,
         checkpoint_every=checkpoint_every, gradient_checkpointing=gradient_checkpointing,
+        merge_aware=merge_aware,
     )
     job = TrainJob(model=model, data=data, out=out, scheme=scheme, choices=split_list(choices, "--choices"), settings=settings,
                    search=SearchSettings(mode=search, rounds=search_rounds, every=search_every, segments=segments,

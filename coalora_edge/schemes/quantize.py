@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -41,11 +41,16 @@ class QuantCache:
         self.workers = workers or os.cpu_count() or 1
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
-    def _compute(self, matrix: str, choice: str) -> torch.Tensor:
-        weight = self.weights[matrix]
-        fmt = self.scheme.storage(choice, tuple(weight.shape))
+    def quantizer(self, matrix: str, choice: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The quantize -> dequantize this cache applies to ``matrix`` for ``choice`` (fallback
+        format, importance matrix and all), for other weights of its shape: merge-aware
+        training rounds ``W + s B'A`` with exactly the call a merged export stores."""
+        fmt = self.scheme.storage(choice, tuple(self.weights[matrix].shape))
         imatrix = self.imatrix.get(matrix) if fmt.uses_imatrix else None
-        return fmt.roundtrip(weight, imatrix) if imatrix is not None else fmt.roundtrip(weight)
+        return (lambda weight: fmt.roundtrip(weight, imatrix)) if imatrix is not None else fmt.roundtrip
+
+    def _compute(self, matrix: str, choice: str) -> torch.Tensor:
+        return self.quantizer(matrix, choice)(self.weights[matrix])
 
     def _key(self, matrix: str, choice: str) -> tuple[str, str]:
         """Entries are keyed by the format actually stored: choices that fall back to the same

@@ -177,7 +177,7 @@ def train(job: TrainJob) -> Trained | None:
     wrapper = CoALoRAModel(
         model, scheme, rank=s.rank, alpha=s.alpha, method=TRAINING_METHODS[s.method],
         imatrix=imatrix.values if job.use_imatrix and job.scheme == "gguf" else None,
-        config_model=s.config_model, choices=choices,
+        config_model=s.config_model, choices=choices, merge_aware=s.merge_aware,
     )
     shapes = {m.name: m.shape for m in wrapper.matrices}
     sensitivity = activation_sensitivity(wrapper.cache, imatrix, choices)
@@ -223,7 +223,8 @@ def train(job: TrainJob) -> Trained | None:
         base_model={"source": job.model, "model_type": model.config.model_type, "architecture": type(model).__name__},
         scheme=job.scheme, choices=choices, matrices=wrapper.matrices,
         adapter={"method": s.method, "adapter_method": TRAINING_METHODS[s.method], "rank": s.rank, "alpha": s.alpha,
-                 "config_model": s.config_model, "imatrix": bool(imatrix.values) and job.use_imatrix and job.scheme == "gguf"},
+                 "config_model": s.config_model, "imatrix": bool(imatrix.values) and job.use_imatrix and job.scheme == "gguf",
+                 "merge_aware": s.merge_aware},
         adapter_state=states, training_set=final, evaluated=evaluated_configs,
         training={"settings": asdict(s), "search": asdict(job.search) | {"mode": mode}, "data": job.data,
                   "seq_len": job.seq_len, "train_blocks": len(blocks.train), "valid_blocks": len(blocks.valid),

@@ -70,6 +70,7 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 50  # steps; 0 = only at the end of each run
     gradient_checkpointing: bool = False
+    merge_aware: bool = False  # train Q_c(W + s B M A), what a merged export stores (adapter/layer.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +87,9 @@ class TrainSettings:
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.k_configs >= 1, f"K (configurations per step) must be at least 1, got {self.k_configs}"),
             (self.checkpoint_every >= 0, f"checkpoint interval must be >= 0, got {self.checkpoint_every}"),
+            (not (self.merge_aware and self.method == "none"),
+             "--merge-aware folds the LoRA into the weights, and --method none trains none; "
+             "drop --merge-aware or choose --method coa, shared or per-config"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,10 @@ take its error. Measured (BENCHMARKS.md, issue 14): on TinyStories-656K in ONNX 
 at 3 bits per weight, perplexity 225 rounding the trained weight, 106 rounding the merged
 one, 117 nearest rounding, 72.5 the trained model.
 
+A bundle trained ``--merge-aware`` needs neither: its layers computed ``Q_c(W + s B'A)``
+itself, through the same ``fold`` (adapter/layer.py) and quantizer, so nearest rounding
+stores exactly the trained weights, and sidecar or feedback rounding would not (refused).
+
 Calibration text is the training data the manifest names (or ``calibration``), cut into
 blocks of the training sequence length. Second moments of shared inputs (q/k/v, gate/up)
 are collected once; matrices go in chunks whose moments fit ``HESSIAN_BUDGET``, one pass
@@ -29,6 +33,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from coalora_edge.adapter.layer import fold
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import CoaloraError, DataError
 from coalora_edge.exporters.common.calibration import text_blocks
@@ -59,7 +64,21 @@ def checked_rounding(restored: Restored, adapter_mode: str, rounding: str | None
     if rounding == "feedback" and adapter_mode != "merged":
         raise CoaloraError("feedback rounding applies to merged exports (sidecar ships the trained bytes); "
                            "drop --rounding or use --adapter-mode merged")
+    check_merge_aware(restored, adapter_mode, rounding)
     return rounding
+
+
+def check_merge_aware(restored: Restored, adapter_mode: str, rounding: str) -> None:
+    """A merge-aware bundle was trained as its nearest-rounded merged file: anything else
+    ships other weights than the trained ones."""
+    if not restored.wrapper.merge_aware:
+        return
+    if adapter_mode != "merged":
+        raise CoaloraError(f"this bundle was trained merge-aware: only a merged file holds what it learned, and "
+                           f"--adapter-mode {adapter_mode} would ship Q(W) + LoRA; export with --adapter-mode merged")
+    if rounding != "nearest":
+        raise CoaloraError(f"this bundle was trained merge-aware, for nearest rounding of the merged weight; "
+                           f"{rounding} rounding would change the trained weights: drop --rounding/--calibration")
 
 
 def calibration_blocks(restored: Restored, calibration: Path | None = None,
@@ -83,7 +102,7 @@ def targets(restored: Restored, config: Configuration) -> dict[str, torch.Tensor
     if wrapper.method == "none":
         return weights
     lora = wrapper.collapsed_lora(config)
-    return {name: w + wrapper.scaling * (lora[name][1].float() @ lora[name][0].float()) for name, w in weights.items()}
+    return {name: fold(w, *lora[name], wrapper.scaling) for name, w in weights.items()}
 
 
 def second_moments(restored: Restored, names: Sequence[str], blocks: torch.Tensor) -> dict[str, torch.Tensor]:

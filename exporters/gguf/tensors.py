@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from coalora_edge import __version__
+from coalora_edge.adapter.layer import fold
 from coalora_edge.adapter.model import CoALoRAModel
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.exporters.common.merge import feedback_rounded
@@ -91,8 +92,7 @@ def adapted_tensors(target: Target, restored: Restored, config: Configuration, m
     for m in wrapper.matrices:
         weight = wrapper.layers[m.name].base_layer.weight.detach().float()  # (out, in)
         if merged:
-            A, B = lora[m.name]  # (r, in), (out, r)
-            weight = weight + wrapper.scaling * (B.float() @ A.float())  # (out, in)
+            weight = fold(weight, *lora[m.name], wrapper.scaling)  # (out, in)
         tensors.append(stored(target, f"{m.name}.weight", formats[m.name].name, weight, imatrix[m.name]))
     return tensors
 

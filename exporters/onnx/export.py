@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import onnx
 import torch
 
+from coalora_edge.adapter.layer import fold
 from coalora_edge.bundle.restore import Restored
 from coalora_edge.errors import ExportError, SchemeError
 from coalora_edge.exporters.common import merge
@@ -118,7 +119,7 @@ def plan(restored: Restored, config: Configuration, adapter_mode: str,
         if m.name in lora:
             A, B = lora[m.name]  # (r, in), (out, r)
             if adapter_mode == "merged":
-                weight = weight + wrapper.scaling * (B @ A)
+                weight = fold(weight, A, B, wrapper.scaling)
             else:
                 branch = LoraBranch(A.T.float().contiguous().numpy(), (wrapper.scaling * B).T.float().contiguous().numpy())
         planned[m.name] = Planned(fmt, quantize(weight, fmt), branch)

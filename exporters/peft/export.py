@@ -145,6 +145,9 @@ def _check_request(restored: Restored, adapter_mode: str, rounding: str | None, 
     if restored.wrapper.method == "none":
         raise SchemeError("this bundle was trained with --method none: it has no LoRA for PEFT to load; "
                           "export it as gguf or onnx")
+    if restored.wrapper.merge_aware:
+        raise SchemeError("this bundle was trained merge-aware: only a merged gguf/onnx file holds what it learned, "
+                          "and PEFT applies the LoRA beside the base; export it as gguf or onnx")
     if adapter_mode != "sidecar":
         raise SchemeError(f"a PEFT export keeps the LoRA beside the base, for PEFT to apply (sidecar); got "
                           f"--adapter-mode {adapter_mode}: drop it, or export gguf/onnx for a merged file")
