@@ -6,7 +6,9 @@ ladder. For each budget's configuration, perplexity on held-out blocks of
     PyTorch    the trained model (quantized + adapter), and the quantized model alone
     sidecar    the ONNX export with the LoRA as a side branch, in ONNX Runtime, at
                accuracy level 0 (exact fp32) and 4 (int8 activations, the default)
-    merged     the ONNX export with the LoRA folded in before quantization, levels 0 and 4
+    merged     the ONNX export with the LoRA folded in before quantization, levels 0 and 4:
+               rounded to nearest, with error feedback (merged_fb), and of a second bundle
+               trained with --merge-aware (merged_aware), at the same configurations
 
 plus each export's wall time.
 
@@ -60,16 +62,19 @@ from coalora_edge.training.trainer import TrainSettings
 from assets import TINYSTORIES as MODEL, TINYSTORIES_TEXT as TEXT, tiny_model_with_tokenizer
 
 BUDGETS = (3.0, 4.5, 6.0)  # bits per weight of the adapted matrices
-#: export modes measured: sidecar, merged rounded to nearest, merged with error feedback
-MODES = {"sidecar": None, "merged": "nearest", "merged_fb": "feedback"}
+#: export modes measured -> (adapter mode, rounding, from the merge-aware bundle): sidecar,
+#: merged rounded to nearest, merged with error feedback, merged from `train --merge-aware`
+MODES = {"sidecar": ("sidecar", None, False), "merged": ("merged", "nearest", False),
+         "merged_fb": ("merged", "feedback", False), "merged_aware": ("merged", "nearest", True)}
 SPEED_MODEL = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, vocab=2048, context=256)
 UNIFORM = "int4_b32_asym"
 BASELINE = "uniform int4, level 4"
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 
-def make_bundle(model: Path, out: Path, steps: int, budgets=BUDGETS, seq_len: int = 128) -> Bundle:
-    settings = TrainSettings(steps=steps, batch_size=8, rank=8, alpha=16, lr=2e-3)
+def make_bundle(model: Path, out: Path, steps: int, budgets=BUDGETS, seq_len: int = 128,
+                merge_aware: bool = False) -> Bundle:
+    settings = TrainSettings(steps=steps, batch_size=8, rank=8, alpha=16, lr=2e-3, merge_aware=merge_aware)
     train_bundle(TrainJob(model=str(model), data=[str(TEXT)], out=out, scheme="onnx", seq_len=seq_len, budgets=list(budgets),
                  eval_blocks=16, show_progress=False, settings=settings))
     return load_bundle(out)
@@ -86,23 +91,28 @@ def ort_perplexity(model_dir: Path, level: int, blocks: torch.Tensor) -> float:
 
 def quality(work: Path, steps: int, eval_blocks: int) -> list[dict]:
     bundle = make_bundle(MODEL, work / "tinystories-bundle", steps)
-    restored = restore(bundle)
-    blocks = load_blocks(restored.tokenizer, [str(TEXT)], 128, 0.1).valid[:eval_blocks]
+    restored = {False: restore(bundle),
+                True: restore(make_bundle(MODEL, work / "tinystories-aware", steps, merge_aware=True))}
+    blocks = load_blocks(restored[False].tokenizer, [str(TEXT)], 128, 0.1).valid[:eval_blocks]
     shapes = {m.name: m.shape for m in bundle.matrices}
     numel = sum(s[0] * s[1] for s in shapes.values())
     rows = []
-    for config in bundle.configs():
-        restored.use(config)
-        row = {"bits_per_weight": 8 * config_nbytes(restored.wrapper.scheme, shapes, config) / numel,
-               "pytorch_trained": lm_score(restored.wrapper, blocks).perplexity}
-        with restored.wrapper.without_adapter():
-            row["pytorch_no_adapter"] = lm_score(restored.wrapper, blocks).perplexity
-        for mode, rounding in MODES.items():
+    for config in bundle.configs():  # the merge-aware bundle is exported at the same configurations
+        for r in restored.values():
+            r.use(config)
+        ordinary = restored[False].wrapper
+        row = {"bits_per_weight": 8 * config_nbytes(ordinary.scheme, shapes, config) / numel,
+               "pytorch_trained": lm_score(ordinary, blocks).perplexity,
+               "pytorch_trained_merge_aware": lm_score(restored[True].wrapper, blocks).perplexity}
+        with ordinary.without_adapter():
+            row["pytorch_no_adapter"] = lm_score(ordinary, blocks).perplexity
+        for mode, (adapter_mode, rounding, aware) in MODES.items():
             out = work / f"tinystories-{mode}-{row['bits_per_weight']:.2f}"
             started = time.perf_counter()
-            report = export(restored, config, out, adapter_mode=mode.removesuffix("_fb"), rounding=rounding, threads=1)
+            report = export(restored[aware], config, out, adapter_mode=adapter_mode, rounding=rounding, threads=1)
             row[f"{mode}_export_seconds"] = time.perf_counter() - started
             row[f"{mode}_exact_relative"] = report["verification"]["exact"]["relative"]
+            row[f"{mode}_fold_kl"] = (report["verification"]["fold"] or {}).get("kl")
             for level in (0, 4):
                 row[f"ort_{mode}_level{level}"] = ort_perplexity(out, level, blocks)
         rows.append(row)
@@ -185,13 +195,13 @@ def main() -> None:
               "args": {k: str(v) for k, v in vars(args).items()}}
     atomic_write_json(args.out, result)
 
-    table = Table("bits/weight", "PyTorch trained", "PyTorch no adapter",
+    table = Table("bits/weight", "PyTorch trained", "PyTorch trained merge-aware", "PyTorch no adapter",
                   *[f"ORT {mode} L{level}" for mode in MODES for level in (0, 4)], "export s (" + " / ".join(MODES) + ")",
                   title=f"TinyStories-656K perplexity, {args.eval_blocks} held-out blocks of 128 tokens "
-                        "(merged: nearest rounding, merged_fb: error feedback)")
+                        "(merged: nearest rounding, merged_fb: error feedback, merged_aware: of `train --merge-aware`)")
     for r in rows:
         table.add_row(f"{r['bits_per_weight']:.2f}", *(f"{r[k]:.3f}" for k in (
-            "pytorch_trained", "pytorch_no_adapter", *[f"ort_{mode}_level{level}" for mode in MODES for level in (0, 4)])),
+            "pytorch_trained", "pytorch_trained_merge_aware", "pytorch_no_adapter", *[f"ort_{mode}_level{level}" for mode in MODES for level in (0, 4)])),
             " / ".join(f"{r[f'{mode}_export_seconds']:.1f}" for mode in MODES))
     console.print(table)
     if not speed:
