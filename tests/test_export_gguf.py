@@ -386,7 +386,6 @@ def test_run_keeps_to_the_context(exports, own_model):
     result = cli("run", out, "--prompt", "caf\udce9")
     assert result.exit_code == 3 and "not valid UTF-8" in result.stderr
 
-
     # ... and streams: the pieces come one by one and add up to the text `run` prints
     pieces = list(stream(out, prompt, 12, threads=1))
     assert len(pieces) >= 2 and "".join(pieces) == generate(out, prompt, 12, threads=1)

@@ -18,7 +18,7 @@ from conftest import demo_kind_exports, readme_snippet, run_snippet
 from coalora_edge.exporters.common.tokenizer import DECODER_INPUTS
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE, export
-from coalora_edge.exporters.onnx.generate import generate
+from coalora_edge.exporters.onnx.generate import generate, text_decoder
 from coalora_edge.exporters.onnx.genai import CONFIG_FILE
 
 pytestmark = pytest.mark.slow  # trains a bundle, exports in ONNX Runtime, runs snippets in subprocesses
@@ -61,8 +61,8 @@ def test_genai_generates_what_coalora_run_does(exports, mode):
     # genai leaves the end-of-sequence token out of the sequence; our runner returns it (measured on SmolLM2)
     assert tokens == (expected[:-1] if expected[-1:] == [tokenizer.eos_token_id] else expected), (tokens, expected)
     text = generate(folder, PROMPT, max_tokens=NEW_TOKENS, threads=1)  # what `coalora-edge run` prints
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    assert tokenizer.decode(prompt_ids + tokens, skip_special_tokens=True)[len(prompt_text):] == text
+    decode = text_decoder(tokenizer)  # as `run` decodes
+    assert decode(prompt_ids + tokens)[len(decode(prompt_ids)):] == text
 
 
 def test_genai_readme_snippet(exports, tmp_path):

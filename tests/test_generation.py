@@ -26,3 +26,15 @@ def test_pieces_add_up_to_the_text_and_never_split_a_character():
     pieces = list(text_pieces(tokenizer.decode, prompt, ids[4:]))
     assert "".join(pieces) == TEXT[len(tokenizer.decode(prompt)):]
     assert not any("\ufffd" in p for p in pieces) and len(pieces) > 5
+
+
+def test_onnx_text_keeps_byte_pieces_and_drops_control_tokens(own_model):
+    """own_model's tokenizer is the demo's kind: byte pieces registered as special tokens."""
+    from transformers import AutoTokenizer
+
+    from coalora_edge.exporters.onnx.generate import text_decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(own_model)
+    ids = tokenizer("Once upon a time, a café served ☕.").input_ids + [tokenizer.eos_token_id]
+    assert "café" not in tokenizer.decode(ids, skip_special_tokens=True)  # what `run` printed before
+    assert text_decoder(tokenizer)(ids).strip() == "Once upon a time, a café served ☕."

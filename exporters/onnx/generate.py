@@ -4,8 +4,9 @@ the folder is the one `coalora-edge export --format onnx` wrote (every file's sh
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from coalora_edge.errors import ExportError
 from coalora_edge.exporters.common.generation import new_tokens, text_pieces
@@ -13,6 +14,9 @@ from coalora_edge.exporters.common.report import REPORT_FILE
 from coalora_edge.exporters.onnx import session as ort
 from coalora_edge.exporters.onnx.export import MODEL_FILE
 from coalora_edge.fileio import sha256_file
+
+#: a byte-fallback token, as SentencePiece and tokenizers' ByteFallback spell it
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def read_report(folder: Path) -> dict[str, Any]:
@@ -46,6 +50,17 @@ def context_length(folder: Path) -> int:
     return context
 
 
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """Token ids -> text without control tokens (BOS, EOS, chat markers), as transformers'
+    ``skip_special_tokens`` would, but keeping byte pieces: byte-fallback tokenizers that
+    register ``<0xNN>`` as special tokens (the demo's) would lose every character spelled in
+    bytes ("café" decoded as "caf")."""
+    hidden = set(tokenizer.all_special_ids) | {
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special and not BYTE_PIECE.fullmatch(token.content)
+    }
+    return lambda ids: tokenizer.decode([i for i in ids if i not in hidden])
+
+
 def stream(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> Iterator[str]:
     """Greedy continuation of ``prompt`` by the export at ``path`` (its folder or model.onnx),
     piece by piece as it is generated; the folder and the prompt are checked before."""
@@ -60,7 +75,7 @@ def stream(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = 
         raise ExportError("the prompt encodes to no tokens; pass some text")
     budget = new_tokens(len(prompt_ids), max_tokens, context_length(folder))
     tokens = ort.greedy_tokens(session, prompt_ids, budget, tokenizer.eos_token_id)
-    return text_pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), prompt_ids, tokens)
+    return text_pieces(text_decoder(tokenizer), prompt_ids, tokens)
 
 
 def generate(path: Path, prompt: str, max_tokens: int = 64, threads: int | None = None) -> str:
